@@ -1,0 +1,67 @@
+"""Method names as the sweeps use them, mapped to engine configs.
+
+A sweep's ``method:`` axis names one entry here; its hyperparameters are the config
+dataclass's fields (minus the ones the platform sets itself), so a method's search space is
+validated by the same code that validates the config. New methods register with
+:func:`register_method` as they land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import PeftConfig
+from .tuners.lora.config import LoraConfig
+
+# Set by the platform (targets, task, inference) — never a sweep hyperparameter.
+PLATFORM_FIELDS = frozenset(
+    {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_type", "target_modules", "modules_to_save"}
+)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A sweepable method: its config class, fields it fixes, and what it supports."""
+
+    name: str
+    config_cls: type[PeftConfig]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    size_field: str | None = "r"  # the "rank" axis reported in summaries and plots
+    uses_targets: bool = True  # prompt-learning methods do not wrap modules
+    quantized_bases: bool = True  # can wrap bitsandbytes layers
+
+    def hyperparameters(self) -> dict[str, dataclasses.Field]:
+        return {
+            f.name: f
+            for f in dataclasses.fields(self.config_cls)
+            if f.init and f.name not in PLATFORM_FIELDS and f.name not in self.fixed
+        }
+
+    def build_config(self, **hyperparameters: Any) -> PeftConfig:
+        unknown = set(hyperparameters) - set(self.hyperparameters())
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r} has no hyperparameter {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(self.hyperparameters()))}"
+            )
+        return self.config_cls(**{**hyperparameters, **self.fixed})
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is not known; allowed: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+register_method(MethodSpec("lora", LoraConfig))
+register_method(MethodSpec("dora", LoraConfig, fixed={"use_dora": True}))

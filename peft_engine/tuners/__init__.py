@@ -1,0 +1,1 @@
+"""Adapter methods: one folder or module per method, sharing :mod:`.base`."""
