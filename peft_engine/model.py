@@ -61,7 +61,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self.base_model.batch_adapters(adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
