@@ -39,14 +39,16 @@ class MethodSpec:
             if f.init and f.name not in PLATFORM_FIELDS and f.name not in self.fixed
         }
 
-    def build_config(self, **hyperparameters: Any) -> PeftConfig:
+    def build_config(self, platform: dict[str, Any] | None = None, **hyperparameters: Any) -> PeftConfig:
+        """The config for these hyperparameters; ``platform`` sets fields such as target_modules."""
         unknown = set(hyperparameters) - set(self.hyperparameters())
         if unknown:
             raise ValueError(
                 f"method {self.name!r} has no hyperparameter {', '.join(sorted(unknown))}; "
                 f"allowed: {', '.join(sorted(self.hyperparameters()))}"
             )
-        return self.config_cls(**{**hyperparameters, **self.fixed})
+        platform = {k: v for k, v in (platform or {}).items() if k != "target_modules" or self.uses_targets}
+        return self.config_cls(**{**hyperparameters, **platform, **self.fixed})
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -1,0 +1,157 @@
+"""The Model Registry gate: register the winner, compare it with the champion, promote or refuse.
+
+The winner becomes a new version of the space's registered model (tags: base model,
+method, metric, sweep) under the alias ``candidate``. Candidate and champion are then
+evaluated by the same :func:`sweeps.evaluate.evaluate` on the same held-out split, so the
+comparison cannot drift from how trials were scored. The candidate takes ``champion`` when
+it is at least as good, within ``registry.promotion_threshold``; otherwise the champion
+stays, and the comparison is kept as version tags and a report on the sweep's run.
+Registering is idempotent per sweep: a resumed sweep reuses its version.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+@dataclass
+class GateOutcome:
+    model_name: str
+    version: str | None
+    promoted: bool
+    regression: bool
+    metric: str
+    candidate: dict[str, float] = field(default_factory=dict)
+    champion: dict[str, float] = field(default_factory=dict)
+    champion_version: str | None = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.version is None:
+            return f"registry: {self.reason}"
+        head = f"registry: {self.model_name} version {self.version} ({CANDIDATE})"
+        cand = self.candidate.get(self.metric)
+        if self.champion_version is None:
+            return f"{head} -> {CHAMPION} (first version; {self.metric}={cand:.4f})"
+        champ = self.champion.get(self.metric)
+        verdict = f"-> {CHAMPION}" if self.promoted else f"REGRESSION: {CHAMPION} stays version {self.champion_version}"
+        return f"{head} {verdict} ({self.metric}: candidate {cand:.4f} vs champion {champ:.4f}; {self.reason})"
+
+
+def is_at_least_as_good(candidate: float, champion: float, mode: str, threshold: float) -> bool:
+    """The promotion rule: worse by at most ``threshold`` (metric units) still counts as good."""
+    return candidate <= champion + threshold if mode == "min" else candidate >= champion - threshold
+
+
+def gate_winner(spec: Any, tracker: Any, context: Any, winner: Any, *, register: bool = True) -> GateOutcome:
+    from mlflow.exceptions import MlflowException
+
+    from .serving import log_adapter_model
+    from .tracking import SWEEP_TAG, TRIAL_TAG
+
+    name, metric, mode = spec.registry.model_name, spec.search.metric, spec.search.mode
+    if not register:
+        return GateOutcome(name, None, False, False, metric, reason="registry step skipped")
+    client = tracker.client
+    version = _existing_version(client, name, context.sweep_id)
+    if version is None:
+        run_id = tracker.find_run(**{SWEEP_TAG: context.sweep_id, TRIAL_TAG: winner.trial_id})
+        model_uri = log_adapter_model(run_id, winner.checkpoint, tracker.tracking_uri)
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        version = client.create_model_version(name, model_uri, run_id=run_id, tags={
+            "base_model": spec.base.model, "method": winner.method, "metric": metric,
+            "sweep_run_id": context.parent_run_id, "peft_sweeps.sweep_id": context.sweep_id,
+            "trial": winner.label, f"trial_{metric}": f"{winner.value:.6g}"}).version
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    champion = _alias(client, name, CHAMPION)
+    candidate_metrics = evaluate_adapter(spec, winner.checkpoint)
+    outcome = GateOutcome(name, str(version), True, False, metric, candidate=candidate_metrics)
+    if champion is not None and str(champion.version) != str(version):
+        outcome.champion_version = str(champion.version)
+        with tempfile.TemporaryDirectory() as folder:
+            outcome.champion = evaluate_adapter(spec, _download_adapter(name, champion.version, folder))
+        good = is_at_least_as_good(candidate_metrics[metric], outcome.champion[metric], mode,
+                                   spec.registry.promotion_threshold)
+        outcome.promoted, outcome.regression = good, not good
+        outcome.reason = f"threshold {spec.registry.promotion_threshold}"
+    if outcome.promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    _record(client, tracker, context, outcome)
+    return outcome
+
+
+def _existing_version(client: Any, name: str, sweep_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`peft_sweeps.sweep_id` = '{sweep_id}'")
+    except MlflowException:
+        return None
+    return str(found[0].version) if found else None
+
+
+def _alias(client: Any, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _download_adapter(name: str, version: str, folder: str) -> str:
+    import mlflow
+
+    from .serving import ADAPTER_ARTIFACT
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
+    return str(Path(local) / "artifacts" / ADAPTER_ARTIFACT)
+
+
+def evaluate_adapter(spec: Any, adapter_dir: str) -> dict[str, float]:
+    """Score an adapter folder on this sweep's held-out split with the trials' own evaluation."""
+    from .data import build_datasets, make_loader, resolve_pad_token_id
+    from .evaluate import evaluate
+    from .serving import load_adapter
+
+    model, tokenizer, _ = load_adapter(adapter_dir)
+    d = spec.data
+    splits = build_datasets(d.source, tokenizer=tokenizer, task=spec.base.task, seq_len=d.seq_len, seed=spec.search.seed,
+                            eval_size=d.eval_size, prompt_field=d.prompt_field, response_field=d.response_field,
+                            text_field=d.text_field, label_field=d.label_field, system_prompt=d.system_prompt,
+                            max_train_examples=d.max_train_examples)
+    loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
+                         pad_token_id=resolve_pad_token_id(tokenizer))
+    return evaluate(model, loader, task=spec.base.task)
+
+
+def _record(client: Any, tracker: Any, context: Any, outcome: GateOutcome) -> None:
+    """Keep the comparison: tags on the version and a report on the sweep's parent run."""
+    verdict = "promoted" if outcome.promoted else "regression"
+    tags = {"gate": verdict, f"candidate_{outcome.metric}": f"{outcome.candidate.get(outcome.metric, float('nan')):.6g}"}
+    if outcome.champion_version:
+        tags.update({"compared_with_version": outcome.champion_version,
+                     f"champion_{outcome.metric}": f"{outcome.champion.get(outcome.metric, float('nan')):.6g}"})
+    for key, value in tags.items():
+        client.set_model_version_tag(outcome.model_name, outcome.version, key, value)
+    for key, value in {"registry.version": outcome.version, "registry.gate": verdict}.items():
+        client.set_tag(context.parent_run_id, key, value)
+    client.log_text(context.parent_run_id, _report(outcome), "registry_report.md")
+
+
+def _report(outcome: GateOutcome) -> str:
+    lines = [f"# Registry gate: {outcome.model_name} version {outcome.version}", "", outcome.describe(), "",
+             "| metric | candidate | champion |", "|---|---|---|"]
+    for key in sorted(set(outcome.candidate) | set(outcome.champion)):
+        cand = outcome.candidate.get(key)
+        champ = outcome.champion.get(key)
+        lines.append(f"| {key} | {'' if cand is None else f'{cand:.6g}'} | {'' if champ is None else f'{champ:.6g}'} |")
+    return "\n".join(lines) + "\n"

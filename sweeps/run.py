@@ -1,0 +1,188 @@
+"""Run a PEFT hyperparameter sweep: validate the space, run Ray Tune trials of Ray Train workers,
+track everything in MLflow, register the winner and gate it against the champion.
+
+    ray job submit --working-dir . -- python sweeps/run.py --space search_spaces/quickstart.yaml
+    python sweeps/run.py --space search_spaces/smoke.yaml          # starts a local Ray if none runs
+
+Exit codes: 0 done (no regression), 1 error, 2 invalid input, 3 regression found
+(only with --fail-on-regression or --nightly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python sweeps/run.py` (the form `ray job submit` uses)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sweeps.space import SpaceError, SweepSpec, load_space  # noqa: E402
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REGRESSION = 0, 1, 2, 3
+SWEEP_STATE = "sweep.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sweeps/run.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--space", required=True, type=Path, help="search-space YAML file (see search_spaces/)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_DIR",
+                        help="continue an interrupted sweep: its folder under the storage path, or the latest "
+                             "sweep of this space when no folder is given; MLflow runs are reused, not duplicated")
+    parser.add_argument("--storage-path", default=None,
+                        help="where Ray keeps trial state and checkpoints (shared storage on clusters); "
+                             "default: $PEFT_SWEEPS_STORAGE or ~/ray_results/peft-sweeps")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address; default: $RAY_ADDRESS (set by `ray job submit`) or a new local Ray")
+    parser.add_argument("--fail-on-regression", action="store_true",
+                        help="exit with code 3 when the winner is worse than the registered champion")
+    parser.add_argument("--no-register", action="store_true", help="skip the Model Registry step")
+    parser.add_argument("--dry-run", action="store_true", help="validate the space, print the plan, start nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_space(args.space)
+    except SpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    from sweeps.tracking import resolve_tracking_uri
+
+    storage = Path(args.storage_path or os.environ.get("PEFT_SWEEPS_STORAGE") or Path.home() / "ray_results" / "peft-sweeps")
+    storage = storage.expanduser().resolve()
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        sweep_dir = _sweep_dir(storage, spec, args.resume)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(_plan(spec, sweep_dir, tracking_uri))
+    if args.dry_run:
+        return EXIT_OK
+    try:
+        outcome = run_sweep(spec, args.space, sweep_dir, tracking_uri, address=args.address,
+                            resume=args.resume is not None, register=not args.no_register and spec.registry.register)
+    except KeyboardInterrupt:
+        print(f"interrupted: continue with --resume {sweep_dir}", file=sys.stderr)
+        return EXIT_ERROR
+    if outcome is None:
+        return EXIT_ERROR
+    if outcome.regression and args.fail_on_regression:
+        return EXIT_REGRESSION
+    return EXIT_OK
+
+
+def _sweep_dir(storage: Path, spec: SweepSpec, resume: str | None) -> Path:
+    if resume is None:
+        return storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume != "latest":
+        folder = Path(resume).expanduser()
+        folder = folder if folder.is_absolute() else storage / folder
+        if not (folder / SWEEP_STATE).exists():
+            raise ValueError(f"--resume {resume}: {folder} holds no sweep ({SWEEP_STATE} missing)")
+        return folder
+    candidates = sorted(p.parent for p in storage.glob(f"{spec.name}-*/{SWEEP_STATE}"))
+    if not candidates:
+        raise ValueError(f"--resume: no earlier sweep named {spec.name!r} under {storage}")
+    return candidates[-1]
+
+
+def _plan(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> str:
+    s, r = spec.search, spec.resources
+    return (f"sweep {spec.name}: {spec.count_trials()} trials ({s.algorithm}, scheduler {s.scheduler.type}), "
+            f"{r.workers} Ray Train worker(s) x {r.cpus_per_worker} CPU / {r.gpus_per_worker} GPU per trial, "
+            f"up to {s.max_concurrent} at once; optimising {s.metric} ({s.mode})\n"
+            f"  base {spec.base.model}; data {spec.data.source}\n"
+            f"  storage {sweep_dir}\n  MLflow {tracking_uri}")
+
+
+def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: str, *, address: str | None = None,
+              resume: bool = False, register: bool = True):
+    """Run (or resume) the sweep; return the registry outcome (None when no trial succeeded)."""
+    import ray
+    from ray import tune
+
+    from sweeps.registry import gate_winner
+    from sweeps.summary import pick_winner, summarise, update_trial_runs
+    from sweeps.tracking import SweepTracker
+    from sweeps.trial import SweepContext, run_trial
+
+    tracker = SweepTracker(tracking_uri, spec.name)
+    state_file = sweep_dir / SWEEP_STATE
+    if resume and state_file.exists():
+        context = SweepContext(**json.loads(state_file.read_text())["context"])
+    else:
+        sweep_id = sweep_dir.name
+        parent = tracker.start_sweep(sweep_id, name=sweep_id, params=_sweep_params(spec), space_file=str(space_file))
+        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir.parent))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=context), {"CPU": 0})
+    if resume and tune.Tuner.can_restore(str(sweep_dir)):
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+    else:
+        param_space, search_alg = spec.tune_search()
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec), reuse_actors=False,
+                                        **spec.tune_config_kwargs()),
+            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                                      failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
+                                      verbose=1),
+        )
+    results = tuner.fit()
+    update_trial_runs(tracker, context, spec, results)
+    print(summarise(spec, results))
+    winner = pick_winner(spec, results)
+    if winner is None:
+        print("no trial finished with a metric: nothing to register", file=sys.stderr)
+        tracker.end_run(context.parent_run_id, "FAILED")
+        return None
+    outcome = gate_winner(spec, tracker, context, winner, register=register)
+    print(outcome.describe())
+    tracker.end_run(context.parent_run_id, "FINISHED")
+    return outcome
+
+
+def _sweep_params(spec: SweepSpec) -> dict:
+    return {"base_model": spec.base.model, "task": spec.base.task, "data": spec.data.source,
+            "algorithm": spec.search.algorithm, "scheduler": spec.search.scheduler.type,
+            "num_trials": spec.count_trials(), "metric": spec.search.metric, "mode": spec.search.mode,
+            "seed": spec.search.seed, "workers_per_trial": spec.resources.workers,
+            "max_steps": spec.train.max_steps, "batch_size": spec.train.batch_size, "seq_len": spec.data.seq_len,
+            "registry_model": spec.registry.model_name}
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    sched = spec.search.scheduler
+    if sched.type == "asha":
+        evals = _evals_per_trial(spec)
+        return ASHAScheduler(time_attr="training_iteration", max_t=max(evals, 1),
+                             grace_period=min(sched.grace_period, max(evals, 1)), reduction_factor=sched.reduction_factor)
+    if sched.type == "pbt":
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=sched.perturbation_interval,
+                                       hyperparam_mutations=spec.pbt_mutations())
+    return FIFOScheduler()
+
+
+def _evals_per_trial(spec: SweepSpec) -> int:
+    steps = spec.train.max_steps or 0
+    return max(1, -(-steps // spec.train.eval_every)) if steps else 100
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""One Ray Tune trial: a function that opens the trial's MLflow run and fits a TorchTrainer.
+
+Ray 2.60 runs Train V2: the Tune trial is only the driver of a Ray Train run. Its workers
+(``ScalingConfig`` from the space) run :func:`sweeps.worker.train_loop_per_worker`, and
+``TuneReportCallback`` forwards each eval's metrics to Tune, where ASHA may stop the trial.
+The Train run is named after the Tune trial id, so a retried trial or a resumed sweep finds
+the run's checkpoints under the same storage path and continues from the latest one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs to know about its sweep (passed with ``tune.with_parameters``)."""
+
+    sweep_id: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment_name: str
+    storage_path: str
+
+
+def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None:
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .tracking import SweepTracker
+    from .worker import train_loop_per_worker
+
+    context = ray.tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    params = spec.trial_params(config)
+    tracker = SweepTracker(sweep.tracking_uri, sweep.experiment_name)
+    run_id = tracker.start_trial(sweep.parent_run_id, sweep.sweep_id, trial_id, params.label(),
+                                 {**params.flat(), "trial_name": trial_name})
+    resources = spec.resources
+    scaling = ray.train.ScalingConfig(
+        num_workers=resources.workers,
+        use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "params": params, "run_id": run_id, "tracking_uri": sweep.tracking_uri},
+        scaling_config=scaling,
+        run_config=ray.train.RunConfig(
+            name=f"{sweep.sweep_id}-{trial_id}",
+            storage_path=sweep.storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=resources.worker_max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            tracker.client.log_artifacts(run_id, folder, artifact_path="adapter")
+    tracker.end_run(run_id, "FINISHED")
