@@ -25,6 +25,7 @@ from sweeps.space import SpaceError, SweepSpec, load_space  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_REGRESSION = 0, 1, 2, 3
 SWEEP_STATE = "sweep.json"
+TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +128,14 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir.parent))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=context), {"CPU": 0})
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray's workers import this project from the checkout even when it is not installed.
+    runtime_env = None if address else {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
+    ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True, log_to_driver=True)
+    # The trial function only drives its Ray Train workers: it asks for memory, not a CPU, so a
+    # trial's whole CPU budget goes to its workers (and max_concurrent bounds the drivers).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=context),
+                                    {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
     else:

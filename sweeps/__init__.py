@@ -1,0 +1,1 @@
+"""Ray Tune x Ray Train sweeps over PEFT methods, tracked in MLflow."""
