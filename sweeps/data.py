@@ -497,3 +497,42 @@ def make_loader(
         drop_last=drop_last,
         collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
     )
+
+
+# ------------------------------------------------------------------------ prepared once per sweep
+SPLITS_META = "splits.json"
+
+
+def save_splits(splits: DatasetSplits, folder: str | Path) -> Path:
+    """Write tokenized splits (Arrow) so every trial's workers memory-map them instead of re-tokenizing."""
+    import json
+
+    folder = Path(folder)
+    splits.train.save_to_disk(str(folder / "train"))
+    splits.eval.save_to_disk(str(folder / "eval"))
+    meta = {"num_labels": splits.num_labels, "label_names": splits.label_names,
+            "pad_token_id": splits.pad_token_id, "stats": splits.stats}
+    (folder / SPLITS_META).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_splits(folder: str | Path) -> DatasetSplits:
+    import json
+
+    from datasets import load_from_disk
+
+    folder = Path(folder)
+    meta = json.loads((folder / SPLITS_META).read_text())
+    train, eval_ = load_from_disk(str(folder / "train")), load_from_disk(str(folder / "eval"))
+    train.set_format("torch", columns=MODEL_COLUMNS)
+    eval_.set_format("torch", columns=MODEL_COLUMNS)
+    return DatasetSplits(train=train, eval=eval_, **meta)
+
+
+def build_for_spec(spec: Any, tokenizer: Any) -> DatasetSplits:
+    """The splits a sweep's ``data`` section describes (the same for trials and the registry gate)."""
+    d = spec.data
+    return build_datasets(d.source, tokenizer=tokenizer, task=spec.base.task, seq_len=d.seq_len, seed=spec.search.seed,
+                          eval_size=d.eval_size, prompt_field=d.prompt_field, response_field=d.response_field,
+                          text_field=d.text_field, label_field=d.label_field, system_prompt=d.system_prompt,
+                          max_train_examples=d.max_train_examples)

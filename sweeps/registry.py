@@ -118,18 +118,14 @@ def _download_adapter(name: str, version: str, folder: str) -> str:
 
 def evaluate_adapter(spec: Any, adapter_dir: str) -> dict[str, float]:
     """Score an adapter folder on this sweep's held-out split with the trials' own evaluation."""
-    from .data import build_datasets, make_loader, resolve_pad_token_id
+    from .data import build_for_spec, make_loader
     from .evaluate import evaluate
     from .serving import load_adapter
 
     model, tokenizer, _ = load_adapter(adapter_dir)
-    d = spec.data
-    splits = build_datasets(d.source, tokenizer=tokenizer, task=spec.base.task, seq_len=d.seq_len, seed=spec.search.seed,
-                            eval_size=d.eval_size, prompt_field=d.prompt_field, response_field=d.response_field,
-                            text_field=d.text_field, label_field=d.label_field, system_prompt=d.system_prompt,
-                            max_train_examples=d.max_train_examples)
+    splits = build_for_spec(spec, tokenizer)
     loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
-                         pad_token_id=resolve_pad_token_id(tokenizer))
+                         pad_token_id=splits.pad_token_id)
     return evaluate(model, loader, task=spec.base.task)
 
 

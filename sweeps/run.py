@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Ray cluster address; default: $RAY_ADDRESS (set by `ray job submit`) or a new local Ray")
     parser.add_argument("--fail-on-regression", action="store_true",
                         help="exit with code 3 when the winner is worse than the registered champion")
+    parser.add_argument("--nightly", action="store_true",
+                        help="nightly regression mode: one sweep per night (see --night), re-runs continue it "
+                             "without duplicate runs or model versions; implies --fail-on-regression")
+    parser.add_argument("--night", default=None, metavar="YYYY-MM-DD",
+                        help="which night a --nightly run belongs to (default: today, UTC)")
     parser.add_argument("--no-register", action="store_true", help="skip the Model Registry step")
     parser.add_argument("--dry-run", action="store_true", help="validate the space, print the plan, start nothing")
     return parser
@@ -63,10 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage.expanduser().resolve()
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
-        sweep_dir = _sweep_dir(storage, spec, args.resume)
+        if args.nightly:
+            sweep_dir = storage / f"{spec.name}-night-{_night(args.night)}"
+            args.resume = str(sweep_dir) if (sweep_dir / SWEEP_STATE).exists() else None
+            args.fail_on_regression = True
+        else:
+            sweep_dir = _sweep_dir(storage, spec, args.resume)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    finished = _finished_outcome(sweep_dir)
+    if finished is not None:  # an idempotent re-run of a night that already ended
+        print(f"sweep {sweep_dir.name} already finished: {finished['describe']}")
+        return EXIT_REGRESSION if finished["regression"] and args.fail_on_regression else EXIT_OK
     print(_plan(spec, sweep_dir, tracking_uri))
     if args.dry_run:
         return EXIT_OK
@@ -81,6 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.regression and args.fail_on_regression:
         return EXIT_REGRESSION
     return EXIT_OK
+
+
+def _night(value: str | None) -> str:
+    if value is None:
+        return time.strftime("%Y-%m-%d", time.gmtime())
+    try:
+        time.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise ValueError(f"--night={value!r} is not a date; allowed: YYYY-MM-DD") from None
+    return value
+
+
+def _finished_outcome(sweep_dir: Path) -> dict | None:
+    state = sweep_dir / SWEEP_STATE
+    if not state.exists():
+        return None
+    return json.loads(state.read_text()).get("outcome")
 
 
 def _sweep_dir(storage: Path, spec: SweepSpec, resume: str | None) -> Path:
@@ -114,6 +145,7 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
     from ray import tune
 
     from sweeps.registry import gate_winner
+    from sweeps.report import log_report
     from sweeps.summary import pick_winner, summarise, update_trial_runs
     from sweeps.tracking import SweepTracker
     from sweeps.trial import SweepContext, run_trial
@@ -125,8 +157,9 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
     else:
         sweep_id = sweep_dir.name
         parent = tracker.start_sweep(sweep_id, name=sweep_id, params=_sweep_params(spec), space_file=str(space_file))
-        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir.parent))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = prepare_data(spec, sweep_dir / "data")
+        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir.parent), str(data_dir))
         state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
     address = address or os.environ.get("RAY_ADDRESS")
     # A local Ray's workers import this project from the checkout even when it is not installed.
@@ -151,7 +184,8 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         )
     results = tuner.fit()
     update_trial_runs(tracker, context, spec, results)
-    print(summarise(spec, results))
+    summary = summarise(spec, results)
+    print(summary)
     winner = pick_winner(spec, results)
     if winner is None:
         print("no trial finished with a metric: nothing to register", file=sys.stderr)
@@ -159,8 +193,26 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         return None
     outcome = gate_winner(spec, tracker, context, winner, register=register)
     print(outcome.describe())
+    log_report(tracker, context, spec, summary, outcome)
+    state = json.loads(state_file.read_text())
+    state["outcome"] = {"describe": outcome.describe(), "regression": outcome.regression, "version": outcome.version}
+    state_file.write_text(json.dumps(state, indent=2))
     tracker.end_run(context.parent_run_id, "FINISHED")
     return outcome
+
+
+def prepare_data(spec: SweepSpec, folder: Path) -> Path:
+    """Resolve the base once (filling the model cache before any trial races for it) and tokenize
+    the data once; trials memory-map the result. The folder must be on storage every node sees."""
+    from peft_engine.bases import load_tokenizer, resolve_base
+    from sweeps.data import build_for_spec, save_splits
+
+    resolved = resolve_base(spec.base.model)
+    tokenizer = load_tokenizer(resolved.path, trust_remote_code=spec.base.trust_remote_code,
+                               local_files_only=resolved.kind != "hub")
+    splits = build_for_spec(spec, tokenizer)
+    print(f"  data: {len(splits.train)} train / {len(splits.eval)} eval examples {splits.stats}")
+    return save_splits(splits, folder)
 
 
 def _sweep_params(spec: SweepSpec) -> dict:

@@ -22,6 +22,7 @@ class SweepContext:
     tracking_uri: str
     experiment_name: str
     storage_path: str
+    data_dir: str | None = None  # tokenized splits prepared once by the driver
 
 
 def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None:
@@ -47,7 +48,8 @@ def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "params": params, "run_id": run_id, "tracking_uri": sweep.tracking_uri},
+        train_loop_config={"spec": spec, "params": params, "run_id": run_id, "tracking_uri": sweep.tracking_uri,
+                           "data_dir": sweep.data_dir},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=f"{sweep.sweep_id}-{trial_id}",

@@ -43,6 +43,7 @@ class StepClock:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``; ``config`` is built by :mod:`sweeps.trial`."""
+    import datasets
     import ray.train
     import ray.train.torch
 
@@ -50,10 +51,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from peft_engine.bases import load_base
     from peft_engine.targets import resolve_target_preset
 
-    from .data import build_datasets, make_loader, resolve_pad_token_id
+    from .data import build_for_spec, load_splits, make_loader
     from .evaluate import evaluate
     from .tracking import TrialLogger
 
+    datasets.disable_progress_bars()
     spec, params = config["spec"], config["params"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -80,14 +82,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    splits = build_datasets(
-        spec.data.source, tokenizer=tokenizer, task=spec.base.task, seq_len=spec.data.seq_len,
-        seed=spec.search.seed, eval_size=spec.data.eval_size, prompt_field=spec.data.prompt_field,
-        response_field=spec.data.response_field, text_field=spec.data.text_field,
-        label_field=spec.data.label_field, system_prompt=spec.data.system_prompt,
-        max_train_examples=spec.data.max_train_examples,
-    )
-    pad = resolve_pad_token_id(tokenizer)
+    data_dir = config.get("data_dir")
+    splits = load_splits(data_dir) if data_dir else build_for_spec(spec, tokenizer)
+    pad = splits.pad_token_id
     train_loader = make_loader(splits.train, spec.train.batch_size, shuffle=True, seed=spec.search.seed,
                                pad_token_id=pad, rank=rank, world_size=world, drop_last=True)
     eval_loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
