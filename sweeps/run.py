@@ -159,7 +159,7 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         parent = tracker.start_sweep(sweep_id, name=sweep_id, params=_sweep_params(spec), space_file=str(space_file))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         data_dir = prepare_data(spec, sweep_dir / "data")
-        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir.parent), str(data_dir))
+        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir / "train_runs"), str(data_dir))
         state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
     address = address or os.environ.get("RAY_ADDRESS")
     # A local Ray's workers import this project from the checkout even when it is not installed.

@@ -35,8 +35,10 @@ from pydantic import (
     model_validator,
 )
 
+from peft_engine.bases import PACKAGED_BASES as BASE_PACKAGES
 from peft_engine.methods import METHODS, PLATFORM_FIELDS
 from peft_engine.targets import TARGET_PRESETS
+from peft_engine.tiny import TINY_NAMES
 
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 METRIC_MODES = {"eval_loss": "min", "perplexity": "min", "accuracy": "max", "f1": "max"}
@@ -44,11 +46,11 @@ TASK_METRICS = {"causal_lm": ("eval_loss", "perplexity"), "seq_cls": ("eval_loss
 CATEGORICAL, CONTINUOUS = ("choice", "grid"), ("uniform", "loguniform", "randint")
 DISTRIBUTIONS = CATEGORICAL + CONTINUOUS
 SHARED_AXES = ("targets", "quantization", "learning_rate", "warmup_ratio", "weight_decay")
-PACKAGED_BASES = ("smollm2-135m-instruct", "minilm-l6", "tiny-random-llama")
-PACKAGED_DATASETS = ("chatterbot-corpus",)
+PACKAGED_BASES = (*BASE_PACKAGES, *TINY_NAMES)  # what peft_engine.bases.resolve_base finds offline
+PACKAGED_DATASETS = ("chatterbot-corpus",)  # = sweeps.data.CHATTERBOT_SOURCE (that module imports datasets)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 MAX_GRID = 10_000  # a bigger grid is almost surely a mistake (and a huge list to ship to Tune)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+_HUB_ID = re.compile(r"(?:[\w.\-]+/)?[\w.\-]{1,96}")  # huggingface_hub.utils.validate_repo_id's shape
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _PRIMITIVE = (type(None), bool, int, float, str)
 
@@ -61,6 +63,9 @@ class SpaceError(ValueError):
         self.source, self.problems = source, problems
         head = f"invalid sweep space {source} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"
         super().__init__("\n  ".join([head, *problems]))
+
+    def __reduce__(self) -> tuple:  # picklable (Ray ships exceptions between processes)
+        return type(self), (self.source, self.problems)
 
 
 @dataclass
@@ -242,15 +247,29 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _local(path: str) -> Path | None:
-    """The local path a spec string names, or None when it reads as a Hub id or name."""
-    p = Path(path).expanduser()  # the same rule as sweeps.data.load_raw, plus *.gguf for bases
-    explicit = path.startswith((".", "/", "~")) or p.suffix.lower() in (".gguf", *DATA_SUFFIXES)
-    return p if explicit or p.exists() else None
+def _source_problem(value: str, packaged: tuple[str, ...], suffixes: tuple[str, ...], model_dir: bool) -> str | None:
+    """Why ``value`` names no packaged name, local file/folder or Hub id (offline: the Hub is not asked).
+
+    Paths follow sweeps.data.load_raw / peft_engine.bases.resolve_base: an existing path, or one
+    starting with . / ~ or ending in a known suffix, is local; anything else is a name or Hub id.
+    """
+    p = Path(value).expanduser()
+    if value.startswith((".", "/", "~")) or p.suffix.lower() in (".gguf", *DATA_SUFFIXES) or p.exists():
+        if not p.exists():
+            return "no such file or folder"
+        if p.is_dir():
+            return None if model_dir and (p / "config.json").is_file() else "a folder that is not a Hugging Face model (no config.json)" if model_dir else "a folder, not a data file"
+        return None if p.suffix.lower() in suffixes else "a file of an unsupported type"
+    if value in packaged:
+        return None
+    near = ([n for n in packaged if n.startswith(value)] or difflib.get_close_matches(value, packaged, 1, cutoff=0.6)) if "/" not in value else []
+    if near:
+        return f"unknown name (did you mean {near[0]!r}?)"
+    return None if _HUB_ID.fullmatch(value) and ".." not in value and "--" not in value else "not a valid Hub id"
 
 
 class BaseSpec(_Model):
-    model: str = Field(min_length=1, description=f"a packaged base ({', '.join(PACKAGED_BASES)}), a Hub id org/name, a local model folder or a *.gguf file")
+    model: str = Field(min_length=1, description=f"a packaged base ({', '.join(PACKAGED_BASES)}), a Hub id (org/name), a local model folder or a *.gguf file")
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = Field(False, description="true or false")
@@ -258,12 +277,9 @@ class BaseSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> BaseSpec:
-        issues, local = [], _local(self.model)
-        if local is not None and not local.exists():
-            issues.append(Issue(("model",), f"= {self.model!r}: no such file or folder; allowed: {type(self).model_fields['model'].description}"))
-        elif local is None and self.model not in PACKAGED_BASES and not _HUB_ID.fullmatch(self.model):
-            issues.append(Issue(("model",), f"= {self.model!r}: not a packaged base, Hub id (org/name) or existing path; "
-                                            f"allowed: {type(self).model_fields['model'].description}"))
+        issues = []
+        if problem := _source_problem(self.model, PACKAGED_BASES, (".gguf",), model_dir=True):
+            issues.append(Issue(("model",), f"= {self.model!r}: {problem}; allowed: {type(self).model_fields['model'].description}"))
         if self.num_labels is not None and self.task != "seq_cls":
             issues.append(Issue(("num_labels",), f"= {self.num_labels}: only used with task: seq_cls; allowed: null with task {self.task}"))
         if issues:
@@ -272,7 +288,7 @@ class BaseSpec(_Model):
 
 
 class DataSpec(_Model):
-    source: str = Field(min_length=1, description=f"{', '.join(PACKAGED_DATASETS)}, a local {'/'.join(DATA_SUFFIXES)} file or a Hub dataset id org/name")
+    source: str = Field(min_length=1, description=f"{', '.join(PACKAGED_DATASETS)}, a local {'/'.join(DATA_SUFFIXES)} file or a Hub dataset id (org/name)")
     prompt_field: str = Field("prompt", min_length=1, description="a column name")
     response_field: str = Field("response", min_length=1, description="a column name")
     text_field: str = Field("text", min_length=1, description="a column name")
@@ -284,12 +300,8 @@ class DataSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
-        local, allowed = _local(self.source), type(self).model_fields["source"].description
-        if local is not None and (local.suffix.lower() not in DATA_SUFFIXES or not local.is_file()):
-            problem = "no such file" if local.suffix.lower() in DATA_SUFFIXES else "not a supported data file"
-            raise _Issues([Issue(("source",), f"= {self.source!r}: {problem}; allowed: {allowed}")])
-        if local is None and self.source not in PACKAGED_DATASETS and not _HUB_ID.fullmatch(self.source):
-            raise _Issues([Issue(("source",), f"= {self.source!r}: not a packaged data set, Hub id or data file; allowed: {allowed}")])
+        if problem := _source_problem(self.source, PACKAGED_DATASETS, DATA_SUFFIXES, model_dir=False):
+            raise _Issues([Issue(("source",), f"= {self.source!r}: {problem}; allowed: {type(self).model_fields['source'].description}")])
         return self
 
 
@@ -538,10 +550,10 @@ class SweepSpec(_Model):
         elif sched == "pbt" and not self.pbt_mutations():
             issues.append(Issue(("search", "scheduler", "type"), "= 'pbt': PBT needs a swept learning_rate or weight_decay to perturb; "
                                                                 "allowed: make space.learning_rate a distribution, or scheduler asha/none"))
-        evals = self.train.max_steps // self.train.eval_every if self.train.max_steps else None
+        evals = -(-self.train.max_steps // self.train.eval_every) if self.train.max_steps else None  # + a final eval
         if sched == "asha" and evals is not None and self.search.scheduler.grace_period > evals:
             issues.append(Issue(("search", "scheduler", "grace_period"), f"= {self.search.scheduler.grace_period}: a trial reports only {evals} "
-                                                                        f"evals (max_steps / eval_every); allowed: an integer in [1, {evals}]"))
+                                                                        f"evals (max_steps / eval_every, rounded up); allowed: an integer in [1, {evals}]"))
         metric, task = self.search.metric, self.base.task
         if metric not in TASK_METRICS[task]:
             issues.append(Issue(("search", "metric"), f"= {metric!r}: sweeps.evaluate does not compute it for task {task}; "
@@ -808,7 +820,7 @@ def _yaml_lines(text: str) -> tuple[dict[tuple, int], list[tuple]]:
                 if key in seen:
                     dups.append(path + (key,))
                 seen.add(key)
-                lines[path + (key,)] = k.start_mark.line
+                lines[path + (key,)] = k.start_mark.line + 1
                 walk(v, path + (key,))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):

@@ -21,7 +21,7 @@ class SweepContext:
     parent_run_id: str
     tracking_uri: str
     experiment_name: str
-    storage_path: str
+    storage_path: str  # where the trials' Ray Train runs keep their checkpoints (inside the sweep folder)
     data_dir: str | None = None  # tokenized splits prepared once by the driver
 
 
@@ -52,7 +52,7 @@ def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None
                            "data_dir": sweep.data_dir},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
-            name=f"{sweep.sweep_id}-{trial_id}",
+            name=trial_id,
             storage_path=sweep.storage_path,
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=resources.worker_max_failures),

@@ -1,0 +1,111 @@
+"""The sweep platform end to end: a real Ray head, a real MLflow server, real trials.
+
+One Ray head (``ray start --head``) and one ``mlflow server`` serve the whole session
+(see conftest.py), stopped by their process groups afterwards. Sweeps use the
+tiny random Llama, so each trial is seconds of compute; what is tested is the platform:
+runs, statuses, the registry gate, resuming, job submission, failures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import ROOT, client, run_cli, runs_of, write_space
+
+pytestmark = pytest.mark.integration
+
+
+def test_sweep_killed_then_resumed_tracks_every_trial_once_and_registers_a_champion(cluster, tmp_path):
+    space = write_space(tmp_path, "itest-main")
+    driver = run_cli(cluster, space, background=True)
+    sweep_dirs = cluster["storage"].glob("itest-main-*")
+    deadline = time.monotonic() + 600
+    # Kill the driver once the first trial has finished (its MLflow run is closed).
+    while time.monotonic() < deadline:
+        exp = client(cluster).get_experiment_by_name("itest-main")
+        if exp is not None:
+            done = [r for r in runs_of(cluster, "itest-main")[1] if r.info.status == "FINISHED"]
+            if done:
+                break
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert list(sweep_dirs), "the sweep folder exists"
+
+    result = run_cli(cluster, space, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 trials" in result.stdout
+
+    parents, children = runs_of(cluster, "itest-main")
+    assert len(parents) == 1, "a resumed sweep reuses its parent run"
+    assert len(children) == 4, [c.data.tags.get("mlflow.runName") for c in children]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.data.tags["peft_sweeps.trial_id"] for c in children}) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = client(cluster).get_metric_history(child.info.run_id, "eval_loss")
+        assert len(history) >= 2 and all(m.value > 0 for m in history)
+        assert {"method", "targets", "quantization", "learning_rate"} <= set(child.data.params)
+        for metric in ("train_loss", "step_time_s", "tokens_per_s", "peak_memory_mb", "trainable_params"):
+            assert metric in child.data.metrics, metric
+    champion = client(cluster).get_model_version_by_alias("itest-main-adapter", "champion")
+    assert champion.tags["method"] in ("lora", "dora") and champion.tags["base_model"] == "tiny-random-llama"
+
+    import mlflow.pyfunc
+
+    os.environ["MLFLOW_TRACKING_URI"] = cluster["mlflow"].url
+    model = mlflow.pyfunc.load_model("models:/itest-main-adapter@champion")
+    replies = model.predict(["How are you?"], params={"max_new_tokens": 5})
+    assert len(replies) == 1 and isinstance(replies[0], str)
+
+
+def test_worse_sweep_keeps_the_champion_and_reports_the_regression(cluster, tmp_path):
+    good = write_space(tmp_path, "itest-gate", **{"space.method": "lora",
+                                                  "space.methods": {"lora": {"r": 4, "lora_alpha": 8}}})
+    first = run_cli(cluster, good)
+    assert first.returncode == 0, first.stdout + first.stderr
+    c = client(cluster)
+    champion = c.get_model_version_by_alias("itest-gate-adapter", "champion").version
+
+    # Two Ray Train workers (DDP over gloo) and a learning rate too small to learn anything.
+    worse = write_space(tmp_path, "itest-gate", **{"space.method": "lora", "space.learning_rate": 1.0e-7,
+                                                   "space.methods": {"lora": {"r": 4, "lora_alpha": 8}},
+                                                   "resources.workers": 2})
+    second = run_cli(cluster, worse, "--fail-on-regression")
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert "REGRESSION" in second.stdout
+    assert c.get_model_version_by_alias("itest-gate-adapter", "champion").version == champion
+    candidate = c.get_model_version_by_alias("itest-gate-adapter", "candidate")
+    assert candidate.version != champion and candidate.tags["gate"] == "regression"
+    assert float(candidate.tags["candidate_eval_loss"]) > float(candidate.tags["champion_eval_loss"])
+    parents, _ = runs_of(cluster, "itest-gate")
+    latest = max(parents, key=lambda r: r.info.start_time)
+    assert latest.data.tags["registry.gate"] == "regression"
+    artifacts = [a.path for a in c.list_artifacts(latest.info.run_id)]
+    assert "registry_report.md" in artifacts
+
+
+def test_ray_job_submit_with_a_failing_trial(cluster, tmp_path, monkeypatch):
+    from sweeps.submit import submit_command
+
+    # One trial targets a module the model does not have: it must fail alone.
+    space = write_space(tmp_path, "itest-job", **{"space.method": "lora",
+                                                  "space.methods": {"lora": {"r": 2, "lora_alpha": 8}},
+                                                  "space.targets": {"grid": ["attention", ["no_such_module"]]}})
+    monkeypatch.chdir(ROOT)
+    cmd, env = submit_command(cluster["state"], str(space), ["--tracking-uri", cluster["mlflow"].url])
+    env["PEFT_SWEEPS_CACHE"] = os.environ.get("PEFT_SWEEPS_CACHE", "")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    _, children = runs_of(cluster, "itest-job")
+    statuses = sorted(c.info.status for c in children)
+    assert statuses == ["FAILED", "FINISHED"], statuses
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert "no_such_module" in failed.data.tags.get("peft_sweeps.error", "") or failed.data.tags.get("peft_sweeps.outcome") == "failed"
