@@ -14,6 +14,13 @@ from typing import Any
 
 from .config import PeftConfig
 from .tuners.lora.config import LoraConfig
+from .tuners.prompts.config import (
+    AdaptionPromptConfig,
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
 
 # Set by the platform (targets, task, inference) — never a sweep hyperparameter.
 PLATFORM_FIELDS = frozenset(
@@ -67,3 +74,30 @@ def get_method(name: str) -> MethodSpec:
 
 register_method(MethodSpec("lora", LoraConfig))
 register_method(MethodSpec("dora", LoraConfig, fixed={"use_dora": True}))
+
+# Prompt learning: shapes come from the base model (fixed to None = "read from the model"), the
+# size axis is the number of virtual tokens, and no module is targeted.
+_MODEL_SHAPES = {"token_dim": None, "num_layers": None, "num_attention_heads": None, "num_transformer_submodules": None}
+for _name, _cls in (("prompt_tuning", PromptTuningConfig), ("prefix_tuning", PrefixTuningConfig),
+                    ("p_tuning", PromptEncoderConfig), ("multitask_prompt_tuning", MultitaskPromptTuningConfig)):
+    register_method(MethodSpec(_name, _cls, fixed=dict(_MODEL_SHAPES), size_field="num_virtual_tokens", uses_targets=False))
+register_method(MethodSpec("adaption_prompt", AdaptionPromptConfig, fixed={"target_modules": None},
+                           size_field="adapter_len", uses_targets=False))
+
+# Other weight-adapting methods (HF PEFT's configs). size_field is the "rank" axis of summaries:
+# the width knob of each method, or None where there is none ((IA)³ learns one vector per layer).
+from .tuners.adalora.config import AdaLoraConfig  # noqa: E402
+from .tuners.boft.config import BOFTConfig  # noqa: E402
+from .tuners.ia3.config import IA3Config  # noqa: E402
+from .tuners.loha.config import LoHaConfig  # noqa: E402
+from .tuners.lokr.config import LoKrConfig  # noqa: E402
+from .tuners.oft.config import OFTConfig  # noqa: E402
+from .tuners.vera.config import VeraConfig  # noqa: E402
+
+register_method(MethodSpec("ia3", IA3Config, size_field=None))
+register_method(MethodSpec("loha", LoHaConfig, size_field="r"))
+register_method(MethodSpec("lokr", LoKrConfig, size_field="r"))
+register_method(MethodSpec("oft", OFTConfig, size_field="oft_block_size"))
+register_method(MethodSpec("boft", BOFTConfig, size_field="boft_block_size"))
+register_method(MethodSpec("vera", VeraConfig, size_field="r"))
+register_method(MethodSpec("adalora", AdaLoraConfig, size_field="init_r"))

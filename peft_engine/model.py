@@ -36,13 +36,15 @@ class PeftModel(nn.Module):
         super().__init__()
         peft_config = self._with_task_heads(model, peft_config)
         if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+            # HF PEFT writes null, not "", for a model built from a config
+            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if peft_config.peft_type not in TUNERS:
             raise ValueError(f"peft_type={peft_config.peft_type!r} has no tuner; allowed: {', '.join(sorted(TUNERS))}")
         self.base_model = TUNERS[peft_config.peft_type](model, peft_config, adapter_name)
 
     def _with_task_heads(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
-        if not self.auto_modules_to_save or config.is_prompt_learning or not hasattr(config, "modules_to_save"):
+        # Prompt-learning configs get the heads too: HF PEFT trains and saves them for every method.
+        if not self.auto_modules_to_save or not hasattr(config, "modules_to_save"):
             return config
         present = {name.split(".")[-1] for name, _ in model.named_modules()}
         heads = [h for h in self.auto_modules_to_save if h in present]
@@ -148,7 +150,10 @@ class PeftModel(nn.Module):
             save_adapter_file(tensors, os.path.join(folder, WEIGHTS_NAME))
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
-            config.save_pretrained(folder)
+            base_cls = type(getattr(self.base_model, "model", self.base_model))
+            auto_mapping = None if config.task_type else {"base_model_class": base_cls.__name__,
+                                                          "parent_library": base_cls.__module__}
+            config.save_pretrained(folder, auto_mapping_dict=auto_mapping)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -170,6 +175,8 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, _loading_config(config))
         self.peft_config[adapter_name] = config
         self._load_weights(model_id, adapter_name)
+        if is_trainable:  # as in HF PEFT: trainable now, even when it is not the active adapter
+            self.base_model.set_adapter_trainable(adapter_name)
 
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str) -> None:
         path = os.path.join(model_id, WEIGHTS_NAME)
@@ -185,14 +192,16 @@ class PeftModel(nn.Module):
 def _loading_config(config: PeftConfig) -> PeftConfig:
     """The config to build layers with before their weights are loaded.
 
-    Initialisations that rewrite the base weight (PiSSA, OLoRA, LoftQ) must not run when the
-    weights come from a file: the base stays as it is and the file supplies A and B.
+    LoRA inits that rewrite the base weight (PiSSA, OLoRA, LoftQ) DO run again, as in HF PEFT: such a
+    file holds A and B for the residual base ``W - s B0 A0``, which the init rebuilds from the
+    original W (HF PEFT's converted files, meant for an untouched base, say init_lora_weights=true).
     """
-    if getattr(config, "init_lora_weights", True) in (True, False, "gaussian"):
-        return config
-    build = copy.copy(config)
-    build.init_lora_weights = True
-    return build
+    if getattr(config, "prompt_tuning_init", "RANDOM") != "RANDOM":
+        # The file supplies the prompt: no tokenizer or source-task file is read to initialise it.
+        build = copy.copy(config)
+        build.prompt_tuning_init = "RANDOM"
+        return build
+    return config
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -229,8 +238,17 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
-    """Wrap ``model`` with a new adapter, picking the task wrapper from ``peft_config.task_type``."""
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   **_: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter, picking the task wrapper from ``peft_config.task_type``.
+
+    ``mixed=True`` returns a :class:`~peft_engine.mixed.PeftMixedModel`, which takes adapters of
+    different methods (LoRA, LoHa, LoKr, OFT, AdaLoRA) side by side.
+    """
+    if mixed:
+        from .mixed import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name)  # type: ignore[return-value]
     wrapper = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type or "", PeftModel)
     return wrapper(model, peft_config, adapter_name)
 

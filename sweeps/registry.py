@@ -11,9 +11,7 @@ Registering is idempotent per sweep: a resumed sweep reuses its version.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -49,7 +47,7 @@ def is_at_least_as_good(candidate: float, champion: float, mode: str, threshold:
 
 
 def gate_winner(spec: Any, tracker: Any, context: Any, winner: Any, *, register: bool = True) -> GateOutcome:
-    from mlflow.exceptions import MlflowException
+    import mlflow
 
     from .serving import log_adapter_model
     from .tracking import SWEEP_TAG, TRIAL_TAG
@@ -62,22 +60,20 @@ def gate_winner(spec: Any, tracker: Any, context: Any, winner: Any, *, register:
     if version is None:
         run_id = tracker.find_run(**{SWEEP_TAG: context.sweep_id, TRIAL_TAG: winner.trial_id})
         model_uri = log_adapter_model(run_id, winner.checkpoint, tracker.tracking_uri)
-        try:
-            client.create_registered_model(name)
-        except MlflowException:
-            pass  # already registered
-        version = client.create_model_version(name, model_uri, run_id=run_id, tags={
+        version = mlflow.register_model(model_uri, name, tags={
             "base_model": spec.base.model, "method": winner.method, "metric": metric,
             "sweep_run_id": context.parent_run_id, "peft_sweeps.sweep_id": context.sweep_id,
             "trial": winner.label, f"trial_{metric}": f"{winner.value:.6g}"}).version
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion = _alias(client, name, CHAMPION)
-    candidate_metrics = evaluate_adapter(spec, winner.checkpoint)
+    from .serving import load_adapter
+
+    model, tokenizer, _ = load_adapter(winner.checkpoint)
+    candidate_metrics = evaluate_adapter(spec, model, tokenizer)
     outcome = GateOutcome(name, str(version), True, False, metric, candidate=candidate_metrics)
     if champion is not None and str(champion.version) != str(version):
         outcome.champion_version = str(champion.version)
-        with tempfile.TemporaryDirectory() as folder:
-            outcome.champion = evaluate_adapter(spec, _download_adapter(name, champion.version, folder))
+        outcome.champion = evaluate_adapter(spec, *_load_registered(name, champion.version))
         good = is_at_least_as_good(candidate_metrics[metric], outcome.champion[metric], mode,
                                    spec.registry.promotion_threshold)
         outcome.promoted, outcome.regression = good, not good
@@ -107,22 +103,19 @@ def _alias(client: Any, name: str, alias: str) -> Any:
         return None
 
 
-def _download_adapter(name: str, version: str, folder: str) -> str:
-    import mlflow
+def _load_registered(name: str, version: str) -> tuple[Any, Any]:
+    """The champion through its registered pyfunc loader: what serving would load."""
+    import mlflow.pyfunc
 
-    from .serving import ADAPTER_ARTIFACT
-
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
-    return str(Path(local) / "artifacts" / ADAPTER_ARTIFACT)
+    wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
+    return wrapper.model, wrapper.tokenizer
 
 
-def evaluate_adapter(spec: Any, adapter_dir: str) -> dict[str, float]:
-    """Score an adapter folder on this sweep's held-out split with the trials' own evaluation."""
+def evaluate_adapter(spec: Any, model: Any, tokenizer: Any) -> dict[str, float]:
+    """Score a base + adapter on this sweep's held-out split with the trials' own evaluation."""
     from .data import build_for_spec, make_loader
     from .evaluate import evaluate
-    from .serving import load_adapter
 
-    model, tokenizer, _ = load_adapter(adapter_dir)
     splits = build_for_spec(spec, tokenizer)
     loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
                          pad_token_id=splits.pad_token_id)

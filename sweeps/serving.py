@@ -48,7 +48,9 @@ class PeftAdapterModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer, self.meta = load_adapter(context.artifacts[ADAPTER_ARTIFACT])
         self.model.eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    # No type hints here: MLflow reads predict's hints as an input schema and would reject DataFrames.
+    def predict(self, context, model_input, params=None):
+        """One reply per prompt (a string, a list of strings, or a DataFrame with a ``prompt`` column)."""
         import torch
 
         prompts = _prompts(model_input)
@@ -84,7 +86,7 @@ def log_adapter_model(run_id: str, adapter_dir: str, tracking_uri: str) -> str:
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=ADAPTER_ARTIFACT,
-            python_model=PeftAdapterModel(),
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={ADAPTER_ARTIFACT: adapter_dir},
             code_paths=[str(root / "peft_engine"), str(root / "sweeps")],
             pip_requirements=_requirements(),
