@@ -53,7 +53,8 @@ def ray_env(state_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     # Job entrypoints say `python ...`: make that this environment's interpreter.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_USAGE_STATS_ENABLED": "0",
+                "MLFLOW_DISABLE_TELEMETRY": "true"})
     return env
 
 
@@ -127,6 +128,7 @@ def start_mlflow(state_dir: Path = DEFAULT_STATE_DIR, *, backend_uri: str | None
     log = state_dir / "mlflow.log"
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     pgid = _spawn(cmd, log, env)
     service = Service("mlflow", pgid, f"http://127.0.0.1:{port}", str(log))
     _save(state_dir, service)
