@@ -3,9 +3,10 @@
 The winner becomes a new version of the space's registered model (tags: base model,
 method, metric, sweep) under the alias ``candidate``. Candidate and champion are then
 evaluated by the same :func:`sweeps.evaluate.evaluate` on the same held-out split, so the
-comparison cannot drift from how trials were scored. The candidate takes ``champion`` when
-it is at least as good, within ``registry.promotion_threshold``; otherwise the champion
-stays, and the comparison is kept as version tags and a report on the sweep's run.
+comparison cannot drift from how trials were scored. The candidate takes ``champion`` unless
+some gated metric (``registry.thresholds`` and the sweep's metric, see
+:mod:`sweeps.gate_rules`) is worse than the champion's by more than its slack; then the
+champion stays, and the comparison is kept as version tags and a report on the sweep's run.
 Registering is idempotent per sweep: a resumed sweep reuses its version.
 """
 
@@ -41,18 +42,14 @@ class GateOutcome:
         return f"{head} {verdict} ({self.metric}: candidate {cand:.4f} vs champion {champ:.4f}; {self.reason})"
 
 
-def is_at_least_as_good(candidate: float, champion: float, mode: str, threshold: float) -> bool:
-    """The promotion rule: worse by at most ``threshold`` (metric units) still counts as good."""
-    return candidate <= champion + threshold if mode == "min" else candidate >= champion - threshold
-
-
 def gate_winner(spec: Any, tracker: Any, context: Any, winner: Any, *, register: bool = True) -> GateOutcome:
     import mlflow
 
+    from .gate_rules import regressions
     from .serving import log_adapter_model
     from .tracking import SWEEP_TAG, TRIAL_TAG
 
-    name, metric, mode = spec.registry.model_name, spec.search.metric, spec.search.mode
+    name, metric = spec.registry.model_name, spec.search.metric
     if not register:
         return GateOutcome(name, None, False, False, metric, reason="registry step skipped")
     client = tracker.client
@@ -74,10 +71,9 @@ def gate_winner(spec: Any, tracker: Any, context: Any, winner: Any, *, register:
     if champion is not None and str(champion.version) != str(version):
         outcome.champion_version = str(champion.version)
         outcome.champion = evaluate_adapter(spec, *_load_registered(name, champion.version))
-        good = is_at_least_as_good(candidate_metrics[metric], outcome.champion[metric], mode,
-                                   spec.registry.promotion_threshold)
-        outcome.promoted, outcome.regression = good, not good
-        outcome.reason = f"threshold {spec.registry.promotion_threshold}"
+        failing = regressions(candidate_metrics, outcome.champion, spec.gate_rules())
+        outcome.promoted, outcome.regression = not failing, bool(failing)
+        outcome.reason = "; ".join(failing) or "within " + ", ".join(f"{k} {v:g}" for k, v in spec.gate_rules().items())
     if outcome.promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     _record(client, tracker, context, outcome)

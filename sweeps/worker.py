@@ -51,7 +51,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from peft_engine.bases import load_base
     from peft_engine.targets import resolve_target_preset
 
-    from .data import build_for_spec, load_splits, make_loader
+    from .data import load_splits, make_loader
     from .evaluate import evaluate
     from .tracking import TrialLogger
 
@@ -63,6 +63,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.search.seed)
     load_started = time.perf_counter()
 
+    splits = load_splits(config["data_dir"])  # tokenized once by the driver (sweeps.run.prepare_data)
+    pad = splits.pad_token_id
+    train_loader = make_loader(splits.train, spec.train.batch_size, shuffle=True, seed=spec.search.seed,
+                               pad_token_id=pad, rank=rank, world_size=world, drop_last=True)
+    eval_loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
+                              pad_token_id=pad, rank=rank, world_size=world, exact_shards=True)
+
+    total_steps = _total_steps(spec.train, len(train_loader))
+
     model, tokenizer = load_base(
         spec.base.model, task=spec.base.task, dtype=spec.base.dtype, device=device,
         quantization=params.quantization, trust_remote_code=spec.base.trust_remote_code,
@@ -72,7 +81,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     platform = {"task_type": "CAUSAL_LM" if spec.base.task == "causal_lm" else "SEQ_CLS"}
     if method.uses_targets:
         platform["target_modules"] = resolve_target_preset(params.targets, model)
-    peft_config = method.build_config(platform, **params.hyperparameters)
+    hyperparameters = dict(params.hyperparameters)
+    if "total_step" in method.hyperparameters() and hyperparameters.get("total_step") is None:
+        hyperparameters["total_step"] = total_steps  # AdaLoRA's budget schedule runs over the whole trial
+    peft_config = method.build_config(platform, **hyperparameters)
     if params.quantization != "none":
         from peft_engine.quantization import prepare_model_for_kbit_training
 
@@ -82,15 +94,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    data_dir = config.get("data_dir")
-    splits = load_splits(data_dir) if data_dir else build_for_spec(spec, tokenizer)
-    pad = splits.pad_token_id
-    train_loader = make_loader(splits.train, spec.train.batch_size, shuffle=True, seed=spec.search.seed,
-                               pad_token_id=pad, rank=rank, world_size=world, drop_last=True)
-    eval_loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
-                              pad_token_id=pad, rank=rank, world_size=world, exact_shards=True)
-
-    total_steps = _total_steps(spec.train, len(train_loader))
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable_params, lr=params.learning_rate, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

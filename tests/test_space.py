@@ -16,6 +16,7 @@ import yaml
 
 from peft_engine.methods import METHODS, MethodSpec
 from peft_engine.tuners.lora.config import LoraConfig
+from sweeps.gate_rules import merge_rules, regressions
 from sweeps.space import SpaceError, SweepSpec, TrialParams, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def drive(spec: SweepSpec, n: int, loss=lambda i, cfg: 1.0 / (i + 1)) -> list[di
 
 # ---- shipped spaces -----------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "trials", "algorithm"), [("smoke", 4, "grid"), ("quickstart", 8, "random"),
-                                                           ("gpu_llama8b_qlora", 24, "optuna")])
+                                                           ("gpu_llama8b_qlora", 24, "optuna"), ("nightly", 2, "grid")])
 def test_shipped_spaces_parse_offline(name, trials, algorithm, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("validation must not touch the network")
@@ -246,6 +247,77 @@ def test_every_problem_is_reported_at_once():
         assert path in str(info.value)
 
 
+# ---- platform-derived hyperparameters ----------------------------------------------------
+def test_adalora_total_step_comes_from_max_steps_unless_set():
+    spec = parse_space(make(train={"max_steps": 30}, space={"method": "adalora", "methods": {"adalora": {"tinit": {"choice": [0, 5]}}}}))
+    params = spec.trial_params({"method": "adalora", "adalora.tinit": 5})
+    assert params.hyperparameters == {"tinit": 5, "total_step": 30} and params.flat()["total_step"] == 30
+    METHODS["adalora"].build_config(**params.hyperparameters)
+    mine = parse_space(make(space={"method": "adalora", "methods": {"adalora": {"total_step": 500, "tinit": 100}}}))
+    assert mine.trial_params({}).hyperparameters == {"total_step": 500, "tinit": 100}  # max_steps 20 would reject tinit 100
+
+
+def test_adalora_with_epochs_validates_with_a_placeholder_and_leaves_total_step_to_the_worker():
+    spec = parse_space(make(train={"epochs": 1}, space={"method": "adalora"}))
+    assert "total_step" not in spec.trial_params({}).hyperparameters  # only the worker knows the step count
+    with pytest.raises(SpaceError, match=r"tinit = 2000: .*total_step = 1000 is set by the platform, a placeholder"):
+        parse_space(make(train={"epochs": 1}, space={"method": "adalora", "methods": {"adalora": {"tinit": 2000}}}))
+
+
+def test_an_invalid_train_section_is_not_blamed_on_the_method():
+    with pytest.raises(SpaceError) as info:  # tinit 50 fits the placeholder; max_steps is unknown, not 20
+        parse_space(make(train={"batch_size": 0}, space={"method": "adalora", "methods": {"adalora": {"tinit": 50}}}))
+    assert len(info.value.problems) == 1 and "train.batch_size" in info.value.problems[0]
+
+
+# ---- registry gate ------------------------------------------------------------------------
+def test_thresholds_merge_with_the_search_metric_and_check_the_task():
+    spec = load_space(SPACES / "nightly.yaml")
+    assert spec.gate_rules() == {"eval_loss": 0.01, "perplexity": 0.5}
+    assert parse_space(make(registry={"promotion_threshold": 0.2})).gate_rules() == {"eval_loss": 0.2}
+    seq = parse_space(make(base={"task": "seq_cls"}, search={"metric": "f1"}, registry={"thresholds": {"accuracy": "2e-2"}}))
+    assert seq.gate_rules() == {"f1": 0.0, "accuracy": 0.02}
+    assert merge_rules("eval_loss", 0.3, {"eval_loss": 0.1}) == {"eval_loss": 0.1}
+    with pytest.raises(SpaceError, match=r"registry\.promotion_threshold = 0\.2: thresholds\.eval_loss = 0\.1.*allowed: the same value"):
+        parse_space(make(registry={"promotion_threshold": 0.2, "thresholds": {"eval_loss": 0.1}}))
+    with pytest.raises(SpaceError, match=r"registry\.thresholds\.loss = 1: unknown metric \(did you mean 'eval_loss'\?\)"):
+        parse_space(make(registry={"thresholds": {"loss": 1}}))
+
+
+GATE_CASES = [  # candidate, champion, rules, metrics that regress
+    ({"eval_loss": 1.0}, {"eval_loss": 1.0}, {"eval_loss": 0.0}, []),  # equal is not worse
+    ({"eval_loss": 1.005}, {"eval_loss": 1.0}, {"eval_loss": 0.01}, []),  # within the slack
+    ({"eval_loss": 1.01}, {"eval_loss": 1.0}, {"eval_loss": 0.01}, []),  # exactly the slack (1.01 - 1.0 > 0.01 in floats)
+    ({"eval_loss": 1.02}, {"eval_loss": 1.0}, {"eval_loss": 0.01}, ["eval_loss"]),
+    ({"eval_loss": 0.5}, {"eval_loss": 1.0}, {"eval_loss": 0.0}, []),  # lower is better
+    ({"accuracy": 0.80}, {"accuracy": 0.85}, {"accuracy": 0.01}, ["accuracy"]),  # higher is better
+    ({"accuracy": 0.90}, {"accuracy": 0.85}, {"accuracy": 0.0}, []),
+    ({"accuracy": 0.845}, {"accuracy": 0.85}, {"accuracy": 0.01}, []),
+    ({"f1": 0.7}, {"f1": 0.8}, {"f1": 0.1}, []),
+    ({"eval_loss": 0.9, "perplexity": 12.0}, {"eval_loss": 1.0, "perplexity": 11.0}, {"eval_loss": 0.01, "perplexity": 0.5},
+     ["perplexity"]),  # a better search metric does not excuse another one
+    ({"eval_loss": 1.2, "perplexity": 12.0}, {"eval_loss": 1.0, "perplexity": 11.0}, {"eval_loss": 0.01, "perplexity": 0.5},
+     ["eval_loss", "perplexity"]),
+    ({"eval_loss": 2.0, "perplexity": 7.0}, {"eval_loss": 1.0, "perplexity": 7.0}, {"perplexity": 0.0}, []),  # unlisted: not gated
+    ({"eval_loss": float("nan")}, {"eval_loss": 1.0}, {"eval_loss": 10.0}, ["eval_loss"]),  # diverged
+    ({"eval_loss": 1.0}, {"eval_loss": float("nan")}, {"eval_loss": 0.0}, []),
+]
+
+
+@pytest.mark.parametrize(("candidate", "champion", "rules", "failing"), GATE_CASES)
+def test_regressions(candidate, champion, rules, failing):
+    lines = regressions(candidate, champion, rules)
+    assert [line.split(":")[0] for line in lines] == failing
+    assert all("allowed: at most" in line and "better" in line for line in lines)
+
+
+def test_regressions_refuses_metrics_it_cannot_compare():
+    with pytest.raises(ValueError, match="champion metrics have no 'perplexity'"):
+        regressions({"perplexity": 1.0}, {"eval_loss": 1.0}, {"perplexity": 0.1})
+    with pytest.raises(ValueError, match="no known direction; allowed: eval_loss"):
+        regressions({"bleu": 1.0}, {"bleu": 1.0}, {"bleu": 0.1})
+
+
 # ---- bad files ----------------------------------------------------------------------------
 BAD_CASES = {
     "unknown_top_key": ["trainig", "unknown key", "did you mean 'train'", "allowed keys: name, base, data"],
@@ -275,10 +347,15 @@ BAD_CASES = {
     "int_hparam_uniform": ["space.methods.lora.r = 4.0 (uniform lo)", "an integer > 0", "{randint: [lo, hi]}"],
     "unknown_base": ["base.model = 'smollm2'", "did you mean 'smollm2-135m-instruct'", "allowed: a packaged base"],
     "perplexity_seq_cls": ["search.metric = 'perplexity'", "allowed: eval_loss, accuracy, f1"],
+    "threshold_other_task": ["registry.thresholds.accuracy = 0.02", "does not compute accuracy for task causal_lm",
+                             "allowed: eval_loss, perplexity"],
+    "negative_threshold": ["registry.thresholds.perplexity = -0.5", "allowed: a number >= 0"],
+    "adalora_steps": ["space.methods.adalora.tinit = 50", "total_step=20", "from train.max_steps", "allowed: tinit < total_step - tfinal"],
 }
 # The line the first problem must point at, found by a text the line contains.
 BAD_LINES = {"bad_hyperparameter_value": "r: {choice", "unknown_top_key": "trainig:", "fractional_gpus": "gpus_per_worker",
-             "random_with_grid": "r: {grid", "duplicate_key": "method: dora", "yaml_syntax_error": "methods:"}
+             "random_with_grid": "r: {grid", "duplicate_key": "method: dora", "yaml_syntax_error": "methods:",
+             "threshold_other_task": "accuracy:", "negative_threshold": "perplexity:", "adalora_steps": "tinit:"}
 
 
 def test_every_bad_file_has_a_case():
