@@ -49,8 +49,29 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-# Marks an unsupported HF field whose value does not change the outputs (accepted as is).
-ANY_VALUE = object()
+class AnyValue:
+    """Marks an unsupported HF field whose value does not change the outputs (accepted as is).
+
+    ``any_value(default)`` also records HF PEFT's default, which :meth:`PeftConfig.to_dict`
+    writes so that our ``adapter_config.json`` has the same fields as HF PEFT's.
+    """
+
+    _UNSET = object()
+
+    def __init__(self, default: Any = _UNSET) -> None:
+        self.default = default
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not AnyValue._UNSET
+
+
+ANY_VALUE = AnyValue()
+
+
+def any_value(default: Any) -> AnyValue:
+    return AnyValue(default)
+
 
 _CONFIG_REGISTRY: dict[str, type[PeftConfig]] = {}
 
@@ -104,15 +125,26 @@ class PeftConfig:
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out.update({k: v for k, v in self.UNSUPPORTED_FIELDS.items() if k not in out and v is not ANY_VALUE})
+        for key, neutral in self.UNSUPPORTED_FIELDS.items():
+            if key in out:
+                continue
+            if not isinstance(neutral, AnyValue):
+                out[key] = _jsonable(neutral)
+            elif neutral.has_default:
+                out[key] = _jsonable(neutral.default)
+        out.setdefault("auto_mapping", None)  # HF PEFT always writes it (a dict for task_type=None)
         out["peft_version"] = PEFT_FORMAT_VERSION
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, auto_mapping_dict: dict[str, str] | None = None) -> None:
+        """Write ``adapter_config.json``; ``auto_mapping_dict`` names the base class, as HF PEFT records it."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
+        data = self.to_dict()
+        if auto_mapping_dict is not None:
+            data["auto_mapping"] = auto_mapping_dict
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
@@ -141,7 +173,7 @@ class PeftConfig:
                 kwargs[key] = value
             elif key in cls.UNSUPPORTED_FIELDS:
                 neutral = cls.UNSUPPORTED_FIELDS[key]
-                if neutral is not ANY_VALUE and value != neutral and not (value in (None, {}, [], False) and neutral in (None, {}, [], False)):
+                if not isinstance(neutral, AnyValue) and value != neutral and not (value in (None, {}, [], False) and neutral in (None, {}, [], False)):
                     raise NotImplementedError(
                         f"{cls.__name__}: field {key}={value!r} is not supported by peft_engine "
                         f"(only {neutral!r} is)"

@@ -9,7 +9,9 @@ unexpected key or a shape mismatch is an error that names the key — never sile
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,13 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .targets import targetable_modules
 from .tuners.base import BaseTuner
 
 if TYPE_CHECKING:
     from .model import PeftModel
 
 PREFIX = "base_model.model."
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out")
+# HF PEFT's list: naming one of these in target_modules makes save_embedding_layers="auto" save them.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def tuner_state_dict(tuner: BaseTuner, adapter_name: str, *, save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
@@ -42,13 +46,12 @@ def tuner_state_dict(tuner: BaseTuner, adapter_name: str, *, save_embedding_laye
                 out[f"{PREFIX}{path}.{attr}"] = entry
             else:
                 for pname, tensor in entry.state_dict(keep_vars=True).items():
-                    out[f"{PREFIX}{path}.{attr}.{pname}"] = tensor
+                    out[_file_key(f"{PREFIX}{path}.{attr}.{pname}")] = tensor
         bias_mode = getattr(config, "bias", "none")
         base_bias = getattr(layer.base_layer, "bias", None)
         if bias_mode.endswith("_only") and base_bias is not None and adapter_name in layer.adapter_names:
             out[f"{PREFIX}{path}.base_layer.bias"] = base_bias
-        if _save_embedding(save_embedding_layers, path, layer, adapter_name, config):
-            out[f"{PREFIX}{path}.base_layer.weight"] = layer.base_layer.weight
+    out.update(_embedding_tensors(tuner, config, save_embedding_layers))
     if getattr(config, "bias", "none") == "all":
         for pname, param in tuner.model.named_parameters():
             if pname.endswith("bias") and ".modules_to_save." not in pname and ".original_module." not in pname:
@@ -60,14 +63,74 @@ def tuner_state_dict(tuner: BaseTuner, adapter_name: str, *, save_embedding_laye
     return out
 
 
-def _save_embedding(mode: bool | str, path: str, layer: nn.Module, adapter_name: str, config) -> bool:
-    if mode is True:
-        return isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.adapter_names
+def _embedding_tensors(tuner: BaseTuner, config, mode: bool | str) -> dict[str, torch.Tensor]:
+    """The input/output embedding weights HF PEFT adds to a file, under its keys.
+
+    ``"auto"`` means True when ``target_modules`` names an embedding layer or the vocabulary was
+    resized against a local base config; True saves the embeddings' base weights (of the
+    targeted, wrapped ones if any embedding is targeted, else of both, plain).
+    """
+    model = tuner.model
+    targeted = _embedding_targeted(model, getattr(config, "target_modules", None))
     if mode == "auto":
-        targets = getattr(config, "target_modules", None) or []
-        named = isinstance(targets, (list, tuple)) and any(t in EMBEDDING_LAYER_NAMES for t in targets)
-        return named and path.split(".")[-1] in EMBEDDING_LAYER_NAMES and adapter_name in layer.adapter_names
-    return False
+        mode = targeted or _vocab_resized(model, getattr(config, "base_model_name_or_path", None))
+    if not mode:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for name, module in _embedding_modules(model, targeted):
+        for pname, tensor in module.state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{name}.{pname}"] = tensor
+    return out
+
+
+def _embedding_modules(model: nn.Module, targeted: bool) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the input and output embeddings; wrapped ones by their base layer."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        layer = fn() if callable(fn) else None
+        if layer is None:
+            continue
+        base = getattr(layer, "base_layer", None)
+        valid = isinstance(base, (nn.Linear, nn.Embedding))
+        if targeted and not valid:
+            continue
+        layers.append(base if base is not None else layer)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(m)], m) for m in dict.fromkeys(layers) if id(m) in names]
+
+
+def _embedding_targeted(model: nn.Module, targets) -> bool:
+    if isinstance(targets, str):
+        pattern = rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$"
+        return any(re.fullmatch(targets, n) for n, _ in targetable_modules(model) if re.match(pattern, n))
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(model: nn.Module, base_path: str | None) -> bool:
+    """True when a local base config's vocab_size differs from the model's (never asks the Hub)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    file = os.path.join(base_path, "config.json") if base_path else None
+    if not vocab or not file or not os.path.isfile(file):
+        return False
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    base_vocab = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
+    return base_vocab is not None and base_vocab != vocab
+
+
+def optional_base_tensors(tuner: BaseTuner) -> dict[str, torch.Tensor]:
+    """Base tensors a file may carry besides the adapter: biases (bias="all"/"lora_only") and the
+    input/output embeddings (save_embedding_layers), under their file keys."""
+    extra = {f"{PREFIX}{n}": p for n, p in tuner.model.named_parameters()
+             if n.endswith("bias") or n.endswith("base_layer.weight")}
+    for targeted in (False, True):
+        for name, module in _embedding_modules(tuner.model, targeted):
+            extra.update({f"{PREFIX}{name}.{p}": t for p, t in module.state_dict(keep_vars=True).items()})
+    return extra
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict: dict | None = None, adapter_name: str = "default",
@@ -107,6 +170,13 @@ def load_into(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]
         for key, tensor in loaded.items():
             target = expected.get(key, extra.get(key))
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _file_key(key: str) -> str:
+    # DoRA magnitudes live as ``lora_magnitude_vector.<adapter>.weight``; HF PEFT files drop ".weight".
+    if key.endswith(".lora_magnitude_vector.weight"):
+        return key[: -len(".weight")]
+    return key
 
 
 def _normalise_key(key: str) -> str:

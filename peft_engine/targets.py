@@ -102,11 +102,33 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if module is head}
 
 
+def targetable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every module a target may name, as HF PEFT sees a model with adapters.
+
+    An adapter layer (or modules_to_save wrapper) stands for the module it wraps, under that
+    module's name; its insides (``base_layer``, ``lora_A.default`` ...) are never targets, so a
+    second adapter with "all-linear" or a loose regex wraps the same modules as the first.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    inside: str | None = None  # named_modules is depth-first: a wrapper's insides follow it directly
+    for name, module in model.named_modules():
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = None
+        if hasattr(module, "adapter_layer_names") or hasattr(module, "original_module"):
+            inside = name + "."
+            while hasattr(module, "adapter_layer_names") or hasattr(module, "original_module"):
+                base = getattr(module, "base_layer", None)
+                module = base if base is not None else module.original_module
+        out.append((name, module))
+    return out
+
+
 def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
     heads = output_head_names(model) | set(exclude)
     return [
         name
-        for name, module in model.named_modules()
+        for name, module in targetable_modules(model)
         if isinstance(module, linear_types()) and name not in heads and name.split(".")[-1] not in heads
     ]
 
@@ -114,7 +136,7 @@ def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]
 def candidate_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the modules an adapter could wrap, for error messages."""
     wrappable = linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d)
-    return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, wrappable) and name})
+    return sorted({name.split(".")[-1] for name, m in targetable_modules(model) if isinstance(m, wrappable)})
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -166,17 +188,21 @@ def select_targets(
     if target_modules == ALL_LINEAR:
         names = all_linear_names(model, exclude=skip)
     else:
-        names = [name for name, _ in model.named_modules() if name and match_target(name, target_modules)]
+        names = [name for name, _ in targetable_modules(model) if match_target(name, target_modules)]
     skip = set(skip)
     names = [n for n in names if n not in skip and not any(n.startswith(s + ".") for s in skip)]
+    matched = list(names)
     if exclude_modules is not None:
         names = [n for n in names if not match_target(n, exclude_modules)]
     if layers_to_transform is not None:
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         names = [n for n in names if layer_index(n, layers_pattern) in wanted]
     if not names:
+        # Say which setting emptied the list: the targets themselves, or the filters after them.
+        filters = f" after exclude_modules={exclude_modules!r}, layers_to_transform={layers_to_transform!r}" \
+            if matched else ""
         raise ValueError(
-            f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
+            f"target_modules={target_modules!r} matched no module of {type(model).__name__}{filters}; "
             f"candidate modules: {', '.join(candidate_module_names(model))}"
         )
     return names

@@ -64,7 +64,27 @@ def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
+    _report_if_silent(result)
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             tracker.client.log_artifacts(run_id, folder, artifact_path="adapter")
     tracker.end_run(run_id, "FINISHED")
+
+
+def _report_if_silent(result: Any) -> None:
+    """Give Tune the final metrics when this trial session saw none.
+
+    A trial restarted after its Train run had already finished (the driver died after the
+    run ended but before Tune saved that) gets its result back from Train at once, with no
+    new reports; Tune would then reject the trial for lacking the sweep's metric.
+    """
+    import ray.tune
+    from ray.train._internal.session import get_session  # Tune's per-trial session (no public accessor)
+
+    session = get_session()
+    if session is None or getattr(session, "iteration", 1) > 0 or not result.metrics:
+        return
+    metrics = dict(result.metrics)
+    if result.checkpoint is not None:
+        metrics["checkpoint_path"] = result.checkpoint.path
+    ray.tune.report(metrics)

@@ -100,7 +100,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, _schedule(spec.train.lr_schedule, params.warmup_ratio, total_steps))
     start_step = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    adalora_hook = getattr(model.base_model, "training_step_hooks", None)
+    # AdaLoRA reallocates ranks from the gradients: after backward, before they are zeroed.
+    update_and_allocate = getattr(model.base_model, "update_and_allocate", None)
 
     meta = {"base": spec.base.model_dump(), "quantization": params.quantization, "method": params.method,
             "params": params.flat(), "data": spec.data.model_dump(), "seed": spec.search.seed}
@@ -116,15 +117,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_value = 0.0
         for _ in range(spec.train.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = ddp_model(**batch).loss / spec.train.grad_accum
-            if adalora_hook is not None:
-                loss = adalora_hook(loss, step)
+            loss = ddp_model(**batch).loss / spec.train.grad_accum  # AdaLoRA adds its orthogonality term
             loss.backward()
             loss_value += float(loss.detach())
             clock.tokens += int(batch["attention_mask"].sum())
         if spec.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable_params, spec.train.max_grad_norm)
         optimizer.step()
+        if update_and_allocate is not None:
+            update_and_allocate(step)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         clock.train_s += time.perf_counter() - started

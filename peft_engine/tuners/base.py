@@ -66,6 +66,26 @@ class AdapterLayer(nn.Module):
     def set_base_weight(self, weight: torch.Tensor) -> None:
         self.base_layer.weight.data = weight.to(self.base_layer.weight.dtype)
 
+    # ---- nesting (mixed models wrap one method's layer in another's) --------------------
+    def get_base_layer(self) -> nn.Module:
+        """The original module under any number of adapter layers."""
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    def __getattr__(self, name: str) -> Any:
+        # Reads that miss fall through to the wrapped module (``weight``, ``bias``, ``in_features``,
+        # ``padding_idx`` ...), so a layer wrapping another adapter layer sees the original module
+        # and transformers code reading ``embed_tokens.weight`` keeps working on a wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
     # ---- shared behaviour -----------------------------------------------------------------
     @property
     def merged(self) -> bool:
@@ -146,10 +166,9 @@ class AdapterLayer(nn.Module):
         pieces = []
         for name in dict.fromkeys(names):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            if name == BASE_ADAPTER:
+            # The tuner has checked the names; a layer an adapter does not target passes its rows through.
+            if name == BASE_ADAPTER or name not in self.adapter_names:
                 continue
-            if name not in self.adapter_names:
-                raise ValueError(f"adapter_names names {name!r}; this layer has {self.adapter_names}")
             sub = self.adapter_output(name, x.index_select(0, index), result.index_select(0, index))
             pieces.append((index, sub))
         if not pieces:
@@ -173,6 +192,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.batch_adapter_names: Sequence[str] | None = None  # mixed batches, as in AdapterLayer
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
@@ -190,9 +210,26 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter = chosen[0] if chosen else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.batch_adapter_names is not None and not self.disable_adapters:
+            return self._mixed_forward(*args, **kwargs)
         if self.disable_adapters or self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row through its adapter's copy (the original for "__base__" or an adapter without one)."""
+        names = list(self.batch_adapter_names or ())
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]}")
+        result = None
+        for name in dict.fromkeys(names):
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            sub = module(x.index_select(0, index), *args, **kwargs)
+            if result is None:
+                result = sub.new_empty((x.shape[0], *sub.shape[1:]))
+            result.index_copy_(0, index, sub)
+        return result
 
 
 LayerFactory = Callable[[nn.Module, str, PeftConfig, str], "AdapterLayer | None"]
@@ -222,6 +259,16 @@ class BaseTuner(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; names in use: {list(self.peft_config)}")
         self.peft_config[adapter_name] = config
+        try:
+            self._inject(adapter_name, config)
+        except Exception:
+            self._discard_partial(adapter_name)  # a failed add_adapter must not leave half an adapter behind
+            raise
+        trainable = not any(self.peft_config[a].inference_mode for a in self.active_adapters if a in self.peft_config)
+        self.set_adapter(self.active_adapters, trainable=trainable)
+        self._mark_trainable()
+
+    def _inject(self, adapter_name: str, config: PeftConfig) -> None:
         skip = set(self.modules_to_save) | set(config.modules_to_save or [])
         names = select_targets(
             self.model,
@@ -243,9 +290,22 @@ class BaseTuner(nn.Module):
                 continue
             setattr(parent, attr, layer)
         self._wrap_modules_to_save(adapter_name, config.modules_to_save or [])
-        trainable = not any(self.peft_config[a].inference_mode for a in self.active_adapters if a in self.peft_config)
-        self.set_adapter(self.active_adapters, trainable=trainable)
-        self._mark_trainable()
+
+    def _discard_partial(self, adapter_name: str) -> None:
+        """Undo a failed injection: drop the adapter and restore modules that only it wrapped."""
+        self.peft_config.pop(adapter_name, None)
+        for name, layer in list(self.named_adapter_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                parent, attr, _ = self._lookup(name)
+                setattr(parent, attr, layer.base_layer)
+        for name, wrapper in list(self.wrappers()):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+            if not len(wrapper.modules_to_save):
+                parent, attr, _ = self._lookup(name)
+                setattr(parent, attr, wrapper.original_module)
+                self.modules_to_save.discard(name)
 
     def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, name: str) -> AdapterLayer | None:
         for factory in self.layer_factories:
@@ -331,6 +391,18 @@ class BaseTuner(nn.Module):
             wrapper.set_adapter(names, trainable=trainable)
         self.active_adapters = names
 
+    def set_adapter_trainable(self, adapter_name: str, trainable: bool = True) -> None:
+        """Mark one adapter's tensors (and its modules_to_save copies) trainable, active or not."""
+        for layer in self.adapter_layers():
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr)
+                if adapter_name in container:
+                    for param in _params(container[adapter_name]):
+                        param.requires_grad_(trainable)
+        for _, wrapper in self.wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].requires_grad_(trainable)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(self.peft_config)}")
@@ -359,7 +431,7 @@ class BaseTuner(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names contains unknown adapters {unknown}; adapters: {list(self.peft_config)}")
-        layers = list(self.adapter_layers())
+        layers = [*self.adapter_layers(), *(w for _, w in self.wrappers())]
         for layer in layers:
             layer.batch_adapter_names = list(adapter_names)
         try:
@@ -404,13 +476,11 @@ class BaseTuner(nn.Module):
         return tuner_state_dict(self, adapter_name, save_embedding_layers=save_embedding_layers)
 
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str, *, what: str = "adapter file") -> None:
-        from ..save_load import PREFIX, load_into
+        from ..save_load import load_into, optional_base_tensors
 
         expected = self.adapter_state_dict(adapter_name, save_embedding_layers=False)
-        # Optional base tensors a file may carry: biases (bias="all"/"lora_only") and resized embeddings.
-        extra = {f"{PREFIX}{n}": p for n, p in self.model.named_parameters()
-                 if n.endswith("bias") or n.endswith("base_layer.weight")}
-        load_into(expected, tensors, extra, what=what)
+        # Optional base tensors a file may carry: biases (bias="all"/"lora_only") and embeddings.
+        load_into(expected, tensors, optional_base_tensors(self), what=what)
 
     # ---- the forward passes straight through -------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import ANY_VALUE, PeftConfig, PeftType, check_choice, check_positive, register_config
+from ...config import PeftConfig, PeftType, any_value, check_choice, check_positive, register_config
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -32,7 +32,7 @@ class LoraConfig(PeftConfig):
     PEFT_TYPE = PeftType.LORA
     UNSUPPORTED_FIELDS = {
         "megatron_config": None,
-        "megatron_core": ANY_VALUE,
+        "megatron_core": any_value("megatron.core"),
         "trainable_token_indices": None,
         "eva_config": None,
         "corda_config": None,
@@ -40,7 +40,7 @@ class LoraConfig(PeftConfig):
         "velora_config": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
-        "qalora_group_size": ANY_VALUE,
+        "qalora_group_size": any_value(16),
         "monteclora_config": None,
         "layer_replication": None,
         "lora_bias": False,

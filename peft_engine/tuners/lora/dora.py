@@ -12,9 +12,19 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 if TYPE_CHECKING:
     from .layer import Conv, Embedding, Linear, LoraLayer
+
+
+class DoraMagnitude(nn.Module):
+    """The magnitude vector, held as ``.weight`` so parameter names match HF PEFT's
+    (``lora_magnitude_vector.<adapter>.weight``); files store it as ``...lora_magnitude_vector``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
 
 
 def weight_norm(layer: LoraLayer, dense_weight: torch.Tensor, dense_delta: torch.Tensor) -> torch.Tensor:
@@ -27,13 +37,13 @@ def weight_norm(layer: LoraLayer, dense_weight: torch.Tensor, dense_delta: torch
 
 def row_scale(layer: LoraLayer, adapter_name: str, norm: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``m / norm`` shaped to scale the rows of a dense weight."""
-    scale = layer.lora_magnitude_vector[adapter_name] / norm
+    scale = layer.lora_magnitude_vector[adapter_name].weight / norm
     return scale.reshape(-1, *([1] * (dense.dim() - 1)))
 
 
 def _scale(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     norm = weight_norm(layer, layer.dense_base_weight(), layer.dense_delta(adapter_name).detach()).detach()
-    return layer.lora_magnitude_vector[adapter_name] / norm
+    return layer.lora_magnitude_vector[adapter_name].weight / norm
 
 
 def _recompute_base(layer: LoraLayer, adapter_name: str) -> bool:

@@ -71,7 +71,7 @@ def _principal(layer: LoraLayer, adapter_name: str, *, method: str) -> None:
         b = u[:, :r] * root[None, :]
     else:
         q, rr = torch.linalg.qr(weight)
-        a, b = rr[:r] / math.sqrt(scaling), q[:, :r] / math.sqrt(scaling)
+        a, b = rr[:r], q[:, :r]  # HF PEFT's OLoRA: unscaled factors, the scaling is taken out of W
     layer.lora_A[adapter_name].weight.data = a.contiguous()
     layer.lora_B[adapter_name].weight.data = b.contiguous()
     residual = weight - scaling * (b @ a)

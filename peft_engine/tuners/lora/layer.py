@@ -31,7 +31,7 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # adapter -> DoraMagnitude
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -61,7 +61,7 @@ class LoraLayer(AdapterLayer):
         self.use_dora[adapter_name] = config.use_dora
         if config.use_dora:
             norm = dora.weight_norm(self, self.dense_base_weight(), self.dense_delta(adapter_name))
-            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.detach().clone())
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(norm.detach().clone())
         if adapter_name not in self.active_adapters and not self.active_adapters:
             self.active_adapters = [adapter_name]
 
@@ -105,17 +105,25 @@ class LoraLayer(AdapterLayer):
         delta = self.dense_delta(adapter_name).to(dense.dtype)
         if not self.use_dora.get(adapter_name):
             return self.from_dense(dense + delta)
-        norm = dora.weight_norm(self, dense, delta).detach()
+        # The norm is that of the unmerged base plus this delta, as the forward computes it (and HF
+        # PEFT merges it): adapters merged before this one are taken out of the weight for the norm.
+        base = dense
+        for name in reversed(self.merged_adapters):
+            base = self._remove_merged(name, base, self._merge_norms.get(name))
+        norm = dora.weight_norm(self, base, delta).detach()
         self._merge_norms[adapter_name] = norm
         return self.from_dense(dora.row_scale(self, adapter_name, norm, dense) * (dense + delta))
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        dense = self.to_dense(weight)
+        norm = self._merge_norms.pop(adapter_name, None)
+        return self.from_dense(self._remove_merged(adapter_name, self.to_dense(weight), norm))
+
+    def _remove_merged(self, adapter_name: str, dense: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of merging one adapter, in the dense layout (DoRA: with the norm used to merge it)."""
         delta = self.dense_delta(adapter_name).to(dense.dtype)
         if not self.use_dora.get(adapter_name):
-            return self.from_dense(dense - delta)
-        norm = self._merge_norms.pop(adapter_name)
-        return self.from_dense(dense / dora.row_scale(self, adapter_name, norm, dense) - delta)
+            return dense - delta
+        return dense / dora.row_scale(self, adapter_name, norm, dense) - delta
 
 
 class Linear(LoraLayer):

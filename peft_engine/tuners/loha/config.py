@@ -1,0 +1,21 @@
+"""LoHa's config: HF PEFT's ``LoHaConfig`` fields and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import PeftType, register_config
+from ..common import check_bool
+from ..lycoris import LycorisConfig
+
+
+@register_config
+@dataclass
+class LoHaConfig(LycorisConfig):
+    """Low-rank Hadamard product: ``delta W = (alpha / r) * (W1a W1b) ⊙ (W2a W2b)``."""
+
+    PEFT_TYPE = PeftType.LOHA
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool(self, "init_weights")

@@ -1,0 +1,149 @@
+"""What LoHa and LoKr (the LyCORIS family) share: config fields, dropouts, conv plumbing.
+
+Both add ``scaling * delta(x)`` to the base output, with ``scaling = alpha / r``. Two
+training-time dropouts follow HF PEFT: ``module_dropout`` skips the whole adapter for a
+step with that probability, ``rank_dropout`` zeroes random output rows of the update.
+On Linear layers each method computes the update from its factors without building the
+(out x in) delta; on convolutions the (small) dense kernel delta is built and convolved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig, check_positive
+from .common import MethodLayer, check_bool, check_float, in_out_features, normalise_targets, pattern_value
+from .common import is_linear_like as _is_linear_like
+
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+
+
+@dataclass
+class LycorisConfig(PeftConfig):
+    """Fields LoHa and LoKr share, with HF PEFT's names and defaults."""
+
+    r: int = 8
+    alpha: int | float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("r", self.r, integer=True)
+        check_positive("alpha", self.alpha, allow_zero=True)
+        check_float("rank_dropout", self.rank_dropout, 0.0, 1.0)
+        check_float("module_dropout", self.module_dropout, 0.0, 1.0)
+        check_bool(self, "use_effective_conv2d", "inference_mode")
+        normalise_targets(self)
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{name}={pattern!r} is not allowed; allowed: a mapping of module pattern -> value")
+            for key, value in pattern.items():
+                check_positive(f"{name}[{key!r}]", value, integer=name == "rank_pattern")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+
+class LycorisLayer(MethodLayer):
+    """Bookkeeping and forward plumbing; subclasses make the factors and the two delta forms."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        self.conv_fn = next((fn for kind, fn in _CONV.items() if isinstance(base, kind)), None)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear) and self.conv_fn is None  # transformers Conv1D
+        self.in_features, self.out_features = in_out_features(base)
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.rank_dropout: dict[str, float] = {}
+        self.rank_dropout_scale: dict[str, bool] = {}
+        self.module_dropout: dict[str, float] = {}
+
+    def set_hyperparameters(self, adapter_name: str, config: Any, module_name: str, *, scale_drop: bool) -> int:
+        r, alpha = config.rank_and_alpha(module_name)
+        self.r[adapter_name], self.alpha[adapter_name] = r, alpha
+        self.scaling[adapter_name] = alpha / r
+        self.rank_dropout[adapter_name] = config.rank_dropout
+        self.rank_dropout_scale[adapter_name] = scale_drop
+        self.module_dropout[adapter_name] = config.module_dropout
+        return r
+
+    def finish_update(self, adapter_name: str) -> None:
+        device, dtype = self.base_device_dtype()
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                container[adapter_name] = nn.Parameter(container[adapter_name].data.to(device, dtype))
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    def delete_adapter_state(self, adapter_name: str) -> None:
+        for table in (self.r, self.alpha, self.scaling, self.rank_dropout, self.rank_dropout_scale, self.module_dropout):
+            table.pop(adapter_name, None)
+
+    def conv_dims(self) -> tuple[int, int, tuple[int, ...]]:
+        """(out_channels, in_channels per group, kernel size) of a conv base."""
+        base = self.get_base_layer()
+        return base.out_channels, base.in_channels // base.groups, tuple(base.kernel_size)
+
+    # ---- subclass parts ---------------------------------------------------------------------
+    def dense_delta(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * delta`` as (out, in) for linears, or the conv kernel's shape."""
+        raise NotImplementedError
+
+    def linear_delta_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * delta @ x`` for linear layers, from the factors."""
+        raise NotImplementedError
+
+    # ---- shared -----------------------------------------------------------------------------
+    def row_drop(self, adapter_name: str, rows: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Rank dropout: a 0/1 vector over output rows (rescaled to mean 1 if asked), in training only."""
+        p = self.rank_dropout[adapter_name]
+        if not (self.training and p):
+            return None
+        drop = (torch.rand(rows) > p).to(like.dtype)
+        if self.rank_dropout_scale[adapter_name]:
+            drop = drop / drop.mean()
+        return drop.to(like.device)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.dense_delta(adapter_name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        p = self.module_dropout[adapter_name]
+        if self.training and p and torch.rand(1) <= p:
+            return result  # the whole adapter is dropped for this step
+        if self.conv_fn is None:
+            update = self.linear_delta_output(adapter_name, x)
+        else:
+            base = self.get_base_layer()
+            weight = self.dense_delta(adapter_name)
+            drop = self.row_drop(adapter_name, weight.shape[0], weight)
+            if drop is not None:
+                weight = weight * drop.view(-1, *([1] * (weight.dim() - 1)))
+            update = self.conv_fn(x.to(weight.dtype), weight, stride=base.stride, padding=base.padding,
+                                  dilation=base.dilation, groups=base.groups)
+        return result + update.to(result.dtype)
+
+
+def lycoris_target(target: nn.Module) -> bool:
+    """Layer kinds LoHa and LoKr wrap: Linear, transformers Conv1D, Conv1d, Conv2d."""
+    return _is_linear_like(target) or isinstance(target, tuple(_CONV))
