@@ -47,7 +47,9 @@ class PeftModel(nn.Module):
         if not self.auto_modules_to_save or not hasattr(config, "modules_to_save"):
             return config
         present = {name.split(".")[-1] for name, _ in model.named_modules()}
-        heads = [h for h in self.auto_modules_to_save if h in present]
+        # HF PEFT lists every head name of the task (classifier *and* score), so the saved config
+        # reads the same; nothing is added for a model with none of them.
+        heads = list(self.auto_modules_to_save) if present & set(self.auto_modules_to_save) else []
         wanted = list(config.modules_to_save or [])
         extra = [h for h in heads if h not in wanted]
         if not extra:
