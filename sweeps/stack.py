@@ -109,7 +109,11 @@ def start_ray(state_dir: Path = DEFAULT_STATE_DIR, *, num_cpus: int | None = Non
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     log = state_dir / "ray.log"
-    pgid = _spawn(cmd, log, ray_env(state_dir))
+    env = ray_env(state_dir)
+    # Every process of this cluster (and Train's state-API helpers) must find *this* head, even
+    # when other Ray instances run on the machine.
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    pgid = _spawn(cmd, log, env)
     service = Service("ray", pgid, f"http://127.0.0.1:{dash_port}", str(log))
     _save(state_dir, service, extra={"address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp_dir)})
     _wait_http(f"{service.url}/api/version", pgid, timeout, log)

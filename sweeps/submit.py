@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .stack import DEFAULT_STATE_DIR, load, ray_env
@@ -36,6 +37,26 @@ def submit_command(state_dir: Path, space: str, extra: list[str] | None = None) 
     return cmd, ray_env(state_dir)
 
 
+def submit_with_retry(cmd: list[str], env: dict[str, str], attempts: int = 5, wait_s: float = 6.0) -> int:
+    """Run ``ray job submit``; retry while a fresh head's job agent is not up yet.
+
+    Right after ``ray start`` the dashboard answers before the node's job agent registers, and
+    submission fails with "No available agent to submit job"; nothing was started then.
+    """
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        transient = False
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            transient = transient or "No available agent to submit job" in line
+        code = proc.wait()
+        if code == 0 or not transient or attempt == attempts:
+            return code
+        print(f"job agent not ready; retrying in {wait_s:.0f}s ({attempt}/{attempts})", flush=True)
+        time.sleep(wait_s)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweeps.submit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", required=True)
@@ -44,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd, env = submit_command(args.state_dir, args.space, extra)
     ray, mlflow = load(args.state_dir, "ray"), load(args.state_dir, "mlflow")
     print(f"submitting {args.space} to the Ray head at {ray['url']}", flush=True)
-    code = subprocess.call(cmd, env=env)
+    code = submit_with_retry(cmd, env)
     print(f"\nMLflow UI:      {mlflow['url']}  (experiments, trial runs, Models -> registry)\n"
           f"Ray dashboard:  {ray['url']}\n"
           f"Stop the stack: make stop")
