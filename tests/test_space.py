@@ -47,7 +47,7 @@ def drive(spec: SweepSpec, n: int, loss=lambda i, cfg: 1.0 / (i + 1)) -> list[di
 
 
 # ---- shipped spaces -----------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "trials", "algorithm"), [("smoke", 4, "grid"), ("quickstart", 8, "random"),
+@pytest.mark.parametrize(("name", "trials", "algorithm"), [("smoke", 4, "grid"), ("quickstart", 6, "random"),
                                                            ("gpu_llama8b_qlora", 24, "optuna"), ("nightly", 2, "grid")])
 def test_shipped_spaces_parse_offline(name, trials, algorithm, monkeypatch):
     def no_network(*args, **kwargs):
