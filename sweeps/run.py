@@ -176,8 +176,8 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            # reuse_actors: one trial-driver process serves trial after trial (no new process, no re-imports).
-            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec), reuse_actors=True,
+            # Function trainables built with with_parameters cannot be reset, so no actor reuse.
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec), reuse_actors=False,
                                         **spec.tune_config_kwargs()),
             run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),

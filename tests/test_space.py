@@ -47,8 +47,29 @@ def drive(spec: SweepSpec, n: int, loss=lambda i, cfg: 1.0 / (i + 1)) -> list[di
 
 
 # ---- shipped spaces -----------------------------------------------------------------------
+def test_every_shipped_space_is_covered():
+    shipped = {p.stem for p in SPACES.glob("*.yaml")}
+    covered = {"smoke", "quickstart", "gpu_llama8b_qlora", "nightly", "methods_tour", "prompt_vs_lora"}
+    assert shipped == covered, "add new shipped spaces to test_shipped_spaces_parse_offline"
+
+
+def test_every_engine_method_appears_in_a_shipped_space():
+    from peft_engine.methods import METHODS
+
+    named = set()
+    for path in SPACES.glob("*.yaml"):
+        named |= {t for t in _methods_named(load_space(path))}
+    assert set(METHODS) <= named, sorted(set(METHODS) - named)
+
+
+def _methods_named(spec) -> set[str]:
+    axis = spec.space.method
+    return {axis} if isinstance(axis, str) else {m for values in axis.values() for m in values}
+
+
 @pytest.mark.parametrize(("name", "trials", "algorithm"), [("smoke", 4, "grid"), ("quickstart", 6, "random"),
-                                                           ("gpu_llama8b_qlora", 24, "optuna"), ("nightly", 2, "grid")])
+                                                           ("gpu_llama8b_qlora", 24, "optuna"), ("nightly", 2, "grid"),
+                                                           ("methods_tour", 14, "grid"), ("prompt_vs_lora", 3, "grid")])
 def test_shipped_spaces_parse_offline(name, trials, algorithm, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("validation must not touch the network")
