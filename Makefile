@@ -19,14 +19,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 setup: $(STAMP)
 
 # torch: the CPU build where there is no NVIDIA GPU (a plain `torch` would pull the multi-GB CUDA
-# build); with a GPU, PyPI's default (CUDA) build of the same release.
+# build): from pip's configured sources first (a local wheel), else PyTorch's CPU index; with a
+# GPU, PyPI's default (CUDA) build of the same release.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
-	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu \
+	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu \
 	  || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[test]"
