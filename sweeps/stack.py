@@ -120,6 +120,44 @@ def start_ray(state_dir: Path = DEFAULT_STATE_DIR, *, num_cpus: int | None = Non
     return service
 
 
+def start_ray_worker(state_dir: Path, head_address: str, *, num_cpus: int | None = None,
+                     resources: dict[str, float] | None = None, name: str = "ray-worker-1",
+                     timeout: float = 90.0) -> Service:
+    """``ray start --address=<head> --block``: one more node for the head in ``state_dir``.
+
+    Several nodes on one machine stand in for a multi-node cluster in tests: each node is its
+    own process group recorded as ``<name>.json``, so ``stop(state_dir, name)`` kills exactly
+    that node (a simulated node loss) and nothing else. It uses the head's token and its own
+    temp dir and agent port, so it never collides with the head or another Ray on the machine.
+    """
+    state_dir = state_dir.resolve()
+    temp_dir = Path("/tmp") / f"ray-{os.getuid()}-{abs(hash(str(state_dir) + name)) % 10**8}"
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={head_address}", "--block",
+           f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+           f"--dashboard-agent-listen-port={free_port()}"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    log = state_dir / f"{name}.log"
+    env = ray_env(state_dir)
+    env["RAY_ADDRESS"] = head_address
+    start = log.stat().st_size if log.exists() else 0
+    pgid = _spawn(cmd, log, env)
+    service = Service(name, pgid, head_address, str(log))
+    _save(state_dir, service, extra={"address": head_address, "temp_dir": str(temp_dir)})
+    deadline = time.monotonic() + timeout
+    # `ray start` prints this once the raylet has registered with the head, then blocks.
+    while "Ray runtime started" not in log.read_text(errors="replace")[start:]:
+        if not _alive(pgid):
+            raise RuntimeError(f"worker node {name} exited during start-up; see {log}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker node {name} did not join {head_address} within {timeout:.0f}s; "
+                               f"see {log}:\n{_tail(log)}")
+        time.sleep(0.5)
+    return service
+
+
 def start_mlflow(state_dir: Path = DEFAULT_STATE_DIR, *, backend_uri: str | None = None, timeout: float = 90.0,
                  port: int | None = None) -> Service:
     """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts in the state dir."""

@@ -24,8 +24,8 @@ SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
     try:
-        ray = stack.start_ray(state, num_cpus=2)
-        mlflow = stack.start_mlflow(state)
+        ray = stack.start_ray(state, num_cpus=2, timeout=240)
+        mlflow = stack.start_mlflow(state, timeout=240)
         yield {"state": state, "ray": ray, "mlflow": mlflow, "address": stack.load(state, "ray")["address"],
                "storage": state / "results"}
     finally:
