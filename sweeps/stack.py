@@ -103,8 +103,11 @@ def start_ray(state_dir: Path = DEFAULT_STATE_DIR, *, num_cpus: int | None = Non
     # Ray's socket paths must stay short (AF_UNIX limit): keep the temp dir near the root.
     temp_dir = Path("/tmp") / f"ray-{os.getuid()}-{abs(hash(str(state_dir))) % 10**8}"
     gcs_port, dash_port = free_port(), free_port()
+    # The job agent's default port (52365) is shared by every Ray on the machine: with another
+    # Ray holding it, job submission fails with "No available agent". Take a free one.
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--temp-dir={temp_dir}",
            f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+           f"--dashboard-agent-listen-port={free_port()}",
            "--include-dashboard=true", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
