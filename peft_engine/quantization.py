@@ -4,9 +4,15 @@ An adapter layer never needs the quantized bytes, only two operations on the bas
 read it as floats (dequantize) and write floats back (requantize with the same settings).
 :func:`dequantize_weight` / :func:`requantize_weight` do that for both bitsandbytes kinds,
 so any method's layer can merge into a quantized base; :class:`QuantizedBaseMixin` plugs
-them into the :class:`~peft_engine.tuners.base.AdapterLayer` protocol. Merging into 4-bit
-weights rounds the merged weight to the 4-bit grid again: outputs stay close to the
-unmerged model, not equal (the tests state the tolerance).
+them into the :class:`~peft_engine.tuners.base.AdapterLayer` protocol.
+
+Merging rounds ``W + dW`` to the quantization grid again, so a merged model is close to the
+unmerged one, not equal (as in HF PEFT). ``tests/test_quantization.py`` states the tolerance
+relative to the adapter's effect: per layer the merged weight is within 1 % (int8), 12 % (NF4)
+or 15 % (FP4) of ``W + dW`` relative to ``||dW||`` (the grids' own rounding error; measured
+0.6 %, 9.8 %, 12.7 %), and the logits move by at most 10 % / 50 % / 60 % of
+``||unmerged - base||`` (measured up to 3 %, 34 %, 40 %, for a random adapter ~4x the
+size of the weights of the tiny test model).
 
 ``prepare_model_for_kbit_training`` freezes the base, upcasts the remaining half-precision
 parameters to float32 for stable training, and turns on gradient checkpointing with input
@@ -16,6 +22,7 @@ gradients. ``loftq_init`` runs LoftQ on CPU or GPU: it alternates quantizing the
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING
 
@@ -42,16 +49,30 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) float32 weight of a bitsandbytes layer (or a plain layer's weight)."""
+    """The (out, in) float32 weight of a bitsandbytes layer (or a plain layer's weight).
+
+    Two states bitsandbytes moves behind our back are handled: an 8-bit layer's row scales
+    ``SCB`` live on the weight only until its first forward, which moves them to
+    ``module.state`` (the weight then holds bare int8 values); and on CPUs with AVX512-BF16 a
+    4-bit layer's first no-grad eval forward repacks the weight into a CPU-only layout that
+    ``dequantize_4bit`` cannot read, so it is unpacked on a copy of the quant state first.
+    """
     import bitsandbytes as bnb
 
     weight = module.weight
     if is_bnb_4bit(module):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state).float()
     if is_bnb_8bit(module):
-        scb = getattr(weight, "SCB", None)
-        if scb is None:  # not quantized yet (still float)
+        if weight.dtype != torch.int8:  # not quantized yet (still float)
             return weight.data.float()
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if scb is None:
+            raise ValueError(f"{type(module).__name__} holds int8 weights but no row scales (SCB) on weight or state")
         return weight.data.float() * (scb.float()[:, None] / 127.0)  # row-wise absmax scaling
     return weight.data.float()
 
@@ -119,7 +140,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # so checkpointed blocks see a tensor that needs grad
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(model, "gradient_checkpointing_enable"):
+        # transformers >= 5.x renamed it (the old name still works but warns on every call).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
