@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...targets import Conv1D
-from ..common import MethodLayer, grouped_forward, in_out_features, is_linear_like
+from ..common import ComposedMethodLayer, in_out_features, is_linear_like
 from ..oft.layer import rotate_blocks
 from .config import BOFTConfig
 
@@ -45,7 +45,7 @@ def cayley(raw: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + skew, eye - skew, left=False)
 
 
-class BOFTLayer(MethodLayer):
+class BOFTLayer(ComposedMethodLayer):
     adapter_layer_names = ("boft_R", "boft_s")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -155,20 +155,6 @@ class BOFTLayer(MethodLayer):
         if bias is None:
             return (result * scale).to(result.dtype)
         return ((result - bias) * scale + bias).to(result.dtype)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            if self.merged:
-                raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-            return grouped_forward(self.batch_adapter_names, x, self.adapter_names,
-                                   lambda names, xs: self._apply(names, xs, *args, **kwargs))
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        return self._apply(self.active_adapters, x, *args, **kwargs)
 
     # ---- merging: W -> s ⊙ (W M^T), back: (W / s) M ----------------------------------------------
     def _dense(self, weight: torch.Tensor) -> torch.Tensor:

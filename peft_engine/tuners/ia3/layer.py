@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ...targets import Conv1D
-from ..common import MethodLayer, grouped_forward, in_out_features, is_linear_like
+from ..common import ComposedMethodLayer, in_out_features, is_linear_like
 from .config import IA3Config
 
 
-class IA3Layer(MethodLayer):
+class IA3Layer(ComposedMethodLayer):
     adapter_layer_names = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
@@ -63,20 +63,6 @@ class IA3Layer(MethodLayer):
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         return (out * scale).to(out.dtype)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            if self.merged:
-                raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-            return grouped_forward(self.batch_adapter_names, x, self.adapter_names,
-                                   lambda names, xs: self._apply(names, xs, *args, **kwargs))
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        return self._apply(self.active_adapters, x, *args, **kwargs)
 
     # ---- merging ----------------------------------------------------------------------------
     def weight_scale(self, adapter_name: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...targets import Conv1D
-from ..common import MethodLayer, grouped_forward, in_out_features, is_linear_like
+from ..common import ComposedMethodLayer, in_out_features, is_linear_like
 from .config import OFTConfig
 
 
@@ -98,7 +98,7 @@ class OFTRotation(nn.Module):
         return result
 
 
-class OFTLayer(MethodLayer):
+class OFTLayer(ComposedMethodLayer):
     adapter_layer_names = ("oft_R", "oft_embedding_R")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -207,20 +207,6 @@ class OFTLayer(MethodLayer):
     def _dense_rotate(dense: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """``dense @ block_diag(blocks)^T``: every row rotated block by block."""
         return rotate_blocks(dense, blocks.transpose(-2, -1))
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            if self.merged:
-                raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-            return grouped_forward(self.batch_adapter_names, x, self.adapter_names,
-                                   lambda names, xs: self._apply(names, xs, *args, **kwargs))
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        return self._apply(self.active_adapters, x, *args, **kwargs)
 
     # ---- merging ----------------------------------------------------------------------------
     def _dense(self, weight: torch.Tensor) -> torch.Tensor:
