@@ -108,6 +108,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = TrialLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if logger:
         logger.log_metrics({"trainable_params": trainable, "load_s": time.perf_counter() - load_started}, step=0)
+        if start_step:  # a restarted worker group or a retried trial: the run shows where it picked up
+            logger.log_metrics({"resumed_from_step": start_step}, step=start_step)
+            logger.log_tags({"peft_sweeps.resumed_from_step": str(start_step)})
     clock = StepClock()
     batches = _cycle(train_loader, start_epoch=start_step // max(len(train_loader), 1))
     eval_every = spec.train.eval_every
@@ -201,6 +204,7 @@ def _train_metrics(clock: StepClock, step: int, world: int, device: torch.device
 
 def _report(metrics: dict[str, float], model: Any, optimizer: torch.optim.Optimizer, step: int, rank: int,
             meta: dict[str, Any], with_checkpoint: bool) -> None:
+    import ray
     import ray.train
 
     from .serving import TRIAL_META
@@ -213,7 +217,8 @@ def _report(metrics: dict[str, float], model: Any, optimizer: torch.optim.Optimi
         if rank == 0:
             model.save_pretrained(folder)
             _save_optimizer(optimizer, Path(folder))
-            Path(folder, TRAINER_STATE).write_text(json.dumps({"step": step, "metrics": metrics}))
+            node = ray.get_runtime_context().get_node_id()  # which machine wrote it, for post-mortems
+            Path(folder, TRAINER_STATE).write_text(json.dumps({"step": step, "metrics": metrics, "node_id": node}))
             Path(folder, TRIAL_META).write_text(json.dumps(meta, indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
