@@ -476,3 +476,39 @@ def test_conv1d_layers_beyond_hf(cls_name, kwargs):
     expected = run(model, inputs)
     assert (expected - run(tiny_gpt2(), inputs)).abs().max() > 1e-3
     assert_close(run(_quiet(model.base_model.merge_and_unload), inputs), expected, what=f"{cls_name} on Conv1D")
+
+
+@pytest.mark.parametrize("cls_name", ["LoHaConfig", "LoKrConfig"])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("rank_dropout", [0.0, 0.5])
+def test_training_through_the_summed_weight_matches_the_factored_update(cls_name, builder, rank_dropout, tmp_path):
+    """LoHa/LoKr train with one GEMM on ``W + delta``: loss and every gradient equal the factored
+    ``base(x) + update`` (ours with the summed path switched off) and, on Linear without rank
+    dropout (HF PEFT draws its dropout masks in another order), HF PEFT's."""
+    import copy
+
+    targets = ["q_proj", "down_proj"] if builder is tiny_llama else ["c_attn", "c_fc"]
+    config = getattr(pe, cls_name)(target_modules=targets, r=4, init_weights=False, rank_dropout=rank_dropout)
+    ours = _quiet(pe.get_peft_model, builder(), config)
+    factored = copy.deepcopy(ours)
+    for module in factored.modules():
+        if hasattr(module, "_trains_merged"):
+            module._trains_merged = lambda: False
+    references = [factored]
+    if builder is tiny_llama and not rank_dropout:  # HF PEFT has no LoHa/LoKr for Conv1D
+        ours.save_pretrained(tmp_path)
+        references.append(_quiet(peft.PeftModel.from_pretrained, builder(), tmp_path, is_trainable=True))
+    ids = model_inputs(builder())["input_ids"]
+    assert any(m._trains_merged() for m in ours.train().modules() if hasattr(m, "_trains_merged"))
+    torch.manual_seed(0)
+    loss = ours(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for reference in references:
+        torch.manual_seed(0)
+        expected = reference.train()(input_ids=ids, labels=ids).loss
+        expected.backward()
+        assert_close(loss, expected, atol=1e-5, what=f"loss vs {type(reference).__module__}")
+        grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                assert_close(param.grad, grads[name], atol=1e-5, what=name)
