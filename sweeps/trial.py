@@ -9,6 +9,7 @@ the run's checkpoints under the same storage path and continues from the latest 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,15 @@ class SweepContext:
     data_dir: str | None = None  # tokenized splits prepared once by the driver
 
 
+# Ray Train's controller polls its workers every 2 s by default, which a trial pays at start-up
+# and again at the end. TorchTrainer.fit() hands RAY_TRAIN_* variables of the calling process
+# (this trial) on to the controller and workers, so this reaches them on any cluster.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None:
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)  # an operator's own setting wins
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
