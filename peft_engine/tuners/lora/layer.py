@@ -19,7 +19,6 @@ from ...targets import linear_types
 from ..base import AdapterLayer
 from . import dora
 from .config import LoraConfig
-from .fused import lora_update
 from .init import initialise
 
 
@@ -160,7 +159,11 @@ class Linear(LoraLayer):
         x = x.to(a.dtype)
         if self.use_dora[adapter_name]:
             return dora.linear_output(self, adapter_name, x, result)
-        return lora_update(result, dropout(x), a, b, scaling)
+        hidden = F.linear(dropout(x), a)
+        # One fused multiply-add over the output instead of matmul, scale and add.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.T,
+                           alpha=scaling)
+        return flat.view(result.shape)
 
 
 class Embedding(LoraLayer):
