@@ -56,6 +56,10 @@ def outcomes(spec: Any, results: Any) -> list[TrialOutcome]:
         frame = result.metrics_dataframe
         if frame is not None and metric in frame:
             frame = frame.dropna(subset=[metric])
+            # The best eval that has an adapter checkpoint: that is what can be registered.
+            if CHECKPOINT_PATH_KEY in frame:
+                with_checkpoint = frame[frame[CHECKPOINT_PATH_KEY].apply(lambda v: isinstance(v, str))]
+                frame = with_checkpoint if len(with_checkpoint) else frame
             if len(frame):
                 row = frame.loc[frame[metric].idxmin() if mode == "min" else frame[metric].idxmax()]
                 best = float(row[metric])

@@ -65,7 +65,10 @@ def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None
             storage_path=sweep.storage_path,
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=resources.worker_max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Keep the two best by the sweep's metric (Train keeps the latest as well, for resuming):
+            # the registry needs the best eval's adapter, which is not always among the last two.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.search.metric,
+                                                         checkpoint_score_order=spec.search.mode),
         ),
     )
     try:
