@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +272,8 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
 
 def environment(command: str | None = None) -> dict[str, Any]:
     """What a reader needs to judge the numbers: versions, CPUs, threads, load, command line."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    from sweeps.tracking import package_versions
+
     try:
         import torch
 
@@ -297,7 +292,7 @@ def environment(command: str | None = None) -> dict[str, Any]:
         "torch_threads": threads,
         "cuda_device": cuda,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "packages": versions,
+        "packages": package_versions(PACKAGES),
     }
 
 

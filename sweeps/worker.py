@@ -204,7 +204,6 @@ def _train_metrics(clock: StepClock, step: int, world: int, device: torch.device
 
 def _report(metrics: dict[str, float], model: Any, optimizer: torch.optim.Optimizer, step: int, rank: int,
             meta: dict[str, Any], with_checkpoint: bool) -> None:
-    import ray
     import ray.train
 
     from .serving import TRIAL_META

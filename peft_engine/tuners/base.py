@@ -150,9 +150,13 @@ class AdapterLayer(nn.Module):
             if self.merged:
                 raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
             return self._mixed_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        return self._active_forward(x, *args, **kwargs)
+
+    def _active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The active (unmerged) adapters on one batch; methods that act differently override this."""
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name in self.adapter_names:
                 result = self.adapter_output(name, x, result)

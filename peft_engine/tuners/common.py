@@ -188,23 +188,16 @@ def sync_fan_in_fan_out(config: Any, target: nn.Module) -> None:
 class ComposedMethodLayer(MethodLayer):
     """A method whose active adapters act together on one input (IA3 scales, OFT/BOFT rotations).
 
-    Subclasses provide ``_apply(adapter_names, x, ...)``; the routing around it (disabled,
-    merged, per-example adapters in mixed batches) is the same for all of them.
+    Subclasses provide ``_apply(adapter_names, x, ...)``; :meth:`AdapterLayer.forward` routes
+    disabled and merged layers as for every method, and mixed batches group rows per adapter.
     """
 
     def _apply(self, adapter_names: Sequence[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            if self.merged:
-                raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-            return grouped_forward(self.batch_adapter_names, x, self.adapter_names,
-                                   lambda names, xs: self._apply(names, xs, *args, **kwargs))
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def _active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._apply(self.active_adapters, x, *args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return grouped_forward(self.batch_adapter_names, x, self.adapter_names,
+                               lambda names, xs: self._apply(names, xs, *args, **kwargs))

@@ -136,17 +136,16 @@ class LycorisLayer(MethodLayer):
         delta = self.dense_delta(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._trains_merged():
             return self._merged_forward(x)
-        return super().forward(x, *args, **kwargs)
+        return super()._active_forward(x, *args, **kwargs)
 
     def _trains_merged(self) -> bool:
-        """Training on a plain (unquantized, unstacked) linear base with the adapters unmerged."""
+        """Training on a plain (unquantized, unstacked) linear base."""
         base = self.base_layer
-        return (self.training and torch.is_grad_enabled() and self.conv_fn is None and not self.disable_adapters
-                and not self.merged and self.batch_adapter_names is None and base is self.get_base_layer()
-                and base.weight.is_floating_point() and not is_quantized(base))
+        return (self.training and torch.is_grad_enabled() and self.conv_fn is None
+                and base is self.get_base_layer() and base.weight.is_floating_point() and not is_quantized(base))
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + sum of deltas)^T + bias``: one GEMM with the summed weight.
