@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python sweeps/run.py` (the form `ray job submit` uses)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -143,7 +144,10 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
     """Run (or resume) the sweep; return the registry outcome (None when no trial succeeded)."""
     import ray
     from ray import tune
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from sweeps.board import TrialBoard
+    from sweeps.pool import WorkerPools
     from sweeps.registry import gate_winner
     from sweeps.report import log_report
     from sweeps.summary import pick_winner, summarise, update_trial_runs
@@ -152,38 +156,33 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
 
     tracker = SweepTracker(tracking_uri, spec.name)
     state_file = sweep_dir / SWEEP_STATE
-    if resume and state_file.exists():
-        context = SweepContext(**json.loads(state_file.read_text())["context"])
-    else:
+    fresh = not (resume and state_file.exists())
+    if fresh:
         sweep_id = sweep_dir.name
         parent = tracker.start_sweep(sweep_id, name=sweep_id, params=_sweep_params(spec), space_file=str(space_file))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        data_dir = prepare_data(spec, sweep_dir / "data")
-        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir / "train_runs"), str(data_dir))
-        state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
+        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir / "train_runs"),
+                               str(sweep_dir / "data"))
+    else:
+        context = SweepContext(**json.loads(state_file.read_text())["context"])
     address = address or os.environ.get("RAY_ADDRESS")
     # A local Ray's workers import this project from the checkout even when it is not installed.
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
     ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True, log_to_driver=True)
-    # The trial function only drives its Ray Train workers: it asks for memory, not a CPU, so a
-    # trial's whole CPU budget goes to its workers (and max_concurrent bounds the drivers).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, sweep=context),
-                                    {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    if resume and tune.Tuner.can_restore(str(sweep_dir)):
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
-    else:
-        param_space, search_alg = spec.tune_search()
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            # Function trainables built with with_parameters cannot be reset, so no actor reuse.
-            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec), reuse_actors=False,
-                                        **spec.tune_config_kwargs()),
-            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
-                                      failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
-                                      verbose=1),
-        )
-    results = tuner.fit()
+    # The worker pools start warming up (controller, workers, imports) while the data is prepared.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = TrialBoard.options(scheduling_strategy=here).remote(
+        pools=_pool_count(spec), max_resumes=spec.resources.worker_max_failures)
+    pools = WorkerPools(spec, board, count=_pool_count(spec), storage_path=context.storage_path,
+                        data_dir=context.data_dir, tracking_uri=tracking_uri)
+    pools.start()
+    try:
+        if fresh:
+            prepare_data(spec, Path(context.data_dir))
+            state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
+        results = _fit(spec, sweep_dir, resume, tune.with_parameters(run_trial, spec=spec, sweep=context, board=board))
+    finally:
+        pools.close()
     update_trial_runs(tracker, context, spec, results)
     summary = summarise(spec, results)
     print(summary)
@@ -200,6 +199,38 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
     state_file.write_text(json.dumps(state, indent=2))
     tracker.end_run(context.parent_run_id, "FINISHED")
     return outcome
+
+
+def _fit(spec: SweepSpec, sweep_dir: Path, resume: bool, trial_fn: Any) -> Any:
+    """Tune's run over the trials (or its continuation). A trial function only relays its job to
+    a worker pool: it asks for memory, not a CPU, and the same actor serves one trial after another."""
+    from ray import tune
+
+    trainable = tune.with_resources(trial_fn, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    if resume and tune.Tuner.can_restore(str(sweep_dir)):
+        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True).fit()
+    param_space, search_alg = spec.tune_search()
+    s = spec.search
+    # Keep the two best checkpoints by the sweep's metric (Tune keeps the latest as well, for
+    # resuming): the registry needs the best eval's adapter, which is not always a recent one.
+    # Under PBT keep all: a trial may clone another's checkpoint while that one trains on.
+    checkpoints = tune.CheckpointConfig(num_to_keep=None if s.scheduler.type == "pbt" else 2,
+                                        checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(spec), reuse_actors=True,
+                                    **spec.tune_config_kwargs()),
+        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
+                                  checkpoint_config=checkpoints, verbose=1),
+    )
+    return tuner.fit()
+
+
+def _pool_count(spec: SweepSpec) -> int:
+    """One warm worker pool per trial that may run at once."""
+    return max(1, min(spec.search.max_concurrent, spec.count_trials()))
 
 
 def prepare_data(spec: SweepSpec, folder: Path) -> Path:

@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-CHECKPOINT_PATH_KEY = "checkpoint_path"
-
 
 @dataclass
 class TrialOutcome:
@@ -52,19 +50,19 @@ def outcomes(spec: Any, results: Any) -> list[TrialOutcome]:
             label, method = params.label(), params.method
         except Exception:  # a trial that failed before sampling completed
             label, method = "?", "?"
-        best = best_step = checkpoint = None
+        best = best_step = None
         frame = result.metrics_dataframe
         if frame is not None and metric in frame:
             frame = frame.dropna(subset=[metric])
-            # The best eval that has an adapter checkpoint: that is what can be registered.
-            if CHECKPOINT_PATH_KEY in frame:
-                with_checkpoint = frame[frame[CHECKPOINT_PATH_KEY].apply(lambda v: isinstance(v, str))]
-                frame = with_checkpoint if len(with_checkpoint) else frame
             if len(frame):
                 row = frame.loc[frame[metric].idxmin() if mode == "min" else frame[metric].idxmax()]
                 best = float(row[metric])
                 best_step = int(row["step"]) if "step" in row and not math.isnan(row["step"]) else None
-                checkpoint = row.get(CHECKPOINT_PATH_KEY) if isinstance(row.get(CHECKPOINT_PATH_KEY), str) else None
+        kept = _best_checkpoint(result, metric, mode)
+        checkpoint = None
+        if kept is not None:  # what can be registered: the best eval whose checkpoint Tune kept
+            checkpoint, best = kept[0], kept[1]
+            best_step = kept[2] if kept[2] is not None else best_step
         if result.error is not None:
             status = "failed"
         elif best_step is not None and spec.train.max_steps and _last_step(result) < spec.train.max_steps:
@@ -74,6 +72,19 @@ def outcomes(spec: Any, results: Any) -> list[TrialOutcome]:
         rows.append(TrialOutcome(trial_id, label, method, status, best, best_step, checkpoint,
                                  None if result.error is None else _short(result.error)))
     return rows
+
+
+def _best_checkpoint(result: Any, metric: str, mode: str) -> tuple[str, float, int | None] | None:
+    """The best of the checkpoints Tune kept for this trial: (path, metric value, step)."""
+    best = None
+    for checkpoint, metrics in getattr(result, "best_checkpoints", None) or []:
+        value = (metrics or {}).get(metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        if best is None or _better(value, best[1], mode):
+            step = (metrics or {}).get("step")
+            best = (checkpoint.path, float(value), int(step) if isinstance(step, (int, float)) else None)
+    return best
 
 
 def _trial_id(result: Any) -> str:

@@ -1,17 +1,21 @@
-"""One Ray Tune trial: a function that opens the trial's MLflow run and fits a TorchTrainer.
+"""One Ray Tune trial: a function that opens the trial's MLflow run and relays its job.
 
-Ray 2.60 runs Train V2: the Tune trial is only the driver of a Ray Train run. Its workers
-(``ScalingConfig`` from the space) run :func:`sweeps.worker.train_loop_per_worker`, and
-``TuneReportCallback`` forwards each eval's metrics to Tune, where ASHA may stop the trial.
-The Train run is named after the Tune trial id, so a retried trial or a resumed sweep finds
-the run's checkpoints under the same storage path and continues from the latest one.
+The training itself runs on Ray Train workers of a warm pool (:mod:`sweeps.pool`): this
+function submits the trial's job to the sweep's :class:`~sweeps.board.TrialBoard`, then turns
+each eval the workers report into ``tune.report(metrics, checkpoint=...)``. The checkpoints
+are real Tune checkpoints, so the rest is plain Tune: ASHA stops a trial at a report (the
+workers hear "stop" and take the next job), PBT pauses a trial and restarts it from a better
+trial's checkpoint, and a retried or resumed trial starts from ``tune.get_checkpoint()``.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from typing import Any
+
+EVENT_POLL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -22,26 +26,19 @@ class SweepContext:
     parent_run_id: str
     tracking_uri: str
     experiment_name: str
-    storage_path: str  # where the trials' Ray Train runs keep their checkpoints (inside the sweep folder)
+    storage_path: str  # the pools' Ray Train runs and the staging folder for checkpoints (inside the sweep folder)
     data_dir: str | None = None  # tokenized splits prepared once by the driver
 
 
-# Ray Train's controller polls its workers every 2 s by default, which a trial pays at start-up
-# and again at the end. TorchTrainer.fit() hands RAY_TRAIN_* variables of the calling process
-# (this trial) on to the controller and workers, so this reaches them on any cluster.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+class TrialFailed(RuntimeError):
+    """The trial's job failed on its Ray Train workers; the message ends with the worker's error."""
 
 
-def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None:
-    for key, value in TRAIN_ENV.items():
-        os.environ.setdefault(key, value)  # an operator's own setting wins
-    import ray.train
+def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext, board: Any) -> None:
+    import ray
     import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from .tracking import SweepTracker
-    from .worker import train_loop_per_worker
 
     context = ray.tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
@@ -49,54 +46,43 @@ def run_trial(config: dict[str, Any], *, spec: Any, sweep: SweepContext) -> None
     tracker = SweepTracker(sweep.tracking_uri, sweep.experiment_name)
     run_id = tracker.start_trial(sweep.parent_run_id, sweep.sweep_id, trial_id, params.label(),
                                  {**params.flat(), "trial_name": trial_name})
-    resources = spec.resources
-    scaling = ray.train.ScalingConfig(
-        num_workers=resources.workers,
-        use_gpu=resources.gpus_per_worker > 0,
-        resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "params": params, "run_id": run_id, "tracking_uri": sweep.tracking_uri,
-                           "data_dir": sweep.data_dir},
-        scaling_config=scaling,
-        run_config=ray.train.RunConfig(
-            name=trial_id,
-            storage_path=sweep.storage_path,
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=resources.worker_max_failures),
-            # Keep the two best by the sweep's metric (Train keeps the latest as well, for resuming):
-            # the registry needs the best eval's adapter, which is not always among the last two.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.search.metric,
-                                                         checkpoint_score_order=spec.search.mode),
-        ),
-    )
+    restored = ray.tune.get_checkpoint()
+    key = f"{trial_id}-{uuid.uuid4().hex[:8]}"
+    ray.get(board.submit.remote({"key": key, "trial_id": trial_id, "params": params, "run_id": run_id,
+                                 "resume_from": None if restored is None else restored.path}))
     try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        while True:
+            event = ray.get(board.next_event.remote(key, EVENT_POLL_S))
+            if event is None:
+                continue  # still queued or training between evals
+            if event["kind"] == "report":
+                _relay(board, key, event)
+            elif event["kind"] == "done":
+                break
+            else:
+                raise TrialFailed(f"trial {trial_id} failed on its Ray Train workers:\n{event['message']}")
+    except BaseException as exc:  # failed, or SystemExit: Tune stopped the trial inside tune.report
+        board.cancel.remote(key)
+        if not isinstance(exc, SystemExit):
+            tracker.end_run(run_id, "FAILED")
         raise
-    _report_if_silent(result)
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder:
+    latest = ray.tune.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as folder:
             tracker.client.log_artifacts(run_id, folder, artifact_path="adapter")
     tracker.end_run(run_id, "FINISHED")
 
 
-def _report_if_silent(result: Any) -> None:
-    """Give Tune the final metrics when this trial session saw none.
-
-    A trial restarted after its Train run had already finished (the driver died after the
-    run ended but before Tune saved that) gets its result back from Train at once, with no
-    new reports; Tune would then reject the trial for lacking the sweep's metric.
-    """
+def _relay(board: Any, key: str, event: dict[str, Any]) -> None:
+    """One eval to Tune; Tune copies the staged checkpoint into the trial's folder."""
     import ray.tune
-    from ray.train._internal.session import get_session  # Tune's per-trial session (no public accessor)
 
-    session = get_session()
-    if session is None or getattr(session, "iteration", 1) > 0 or not result.metrics:
-        return
-    metrics = dict(result.metrics)
-    if result.checkpoint is not None:
-        metrics["checkpoint_path"] = result.checkpoint.path
-    ray.tune.report(metrics)
+    staged = event["checkpoint"]
+    try:
+        checkpoint = None if staged is None else ray.tune.Checkpoint.from_directory(staged)
+        ray.tune.report(event["metrics"], checkpoint=checkpoint)  # raises SystemExit when Tune stops the trial
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    persisted = ray.tune.get_checkpoint() if staged is not None else None
+    board.decide.remote(key, {"stop": False, "checkpoint": None if persisted is None else persisted.path})

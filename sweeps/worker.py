@@ -1,10 +1,11 @@
-"""The Ray Train worker loop: one data-parallel worker of one trial.
+"""One trial on one Ray Train worker: set up, train, evaluate, checkpoint.
 
-Each worker loads its own copy of the (quantized) base from the model cache onto its own
+The worker loads its own copy of the (quantized) base from the model cache onto its own
 device, applies the trial's adapter, and trains with torch DDP (Ray Train sets up gloo on
-CPU, NCCL on GPU). At every eval it reports metrics and an adapter-only checkpoint (adapter
-files + optimizer state as safetensors: MBs, never the base); a restarted worker resumes
-from the latest checkpoint. Rank 0 also writes the metrics to the trial's MLflow run.
+CPU, NCCL on GPU). At every eval it hands metrics and, when due, an adapter-only checkpoint
+(adapter files + optimizer state as safetensors: MBs, never the base) to its trial; a job
+that carries a checkpoint resumes from it. Rank 0 also writes the metrics to the trial's
+MLflow run. Which job a worker runs, and when, is :mod:`sweeps.pool`'s business.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 import math
 import os
 import resource
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,38 +42,50 @@ class StepClock:
         return self.train_s + self.eval_s
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point given to ``TorchTrainer``; ``config`` is built by :mod:`sweeps.trial`."""
-    import datasets
-    import ray.train
-    import ray.train.torch
+Report = Callable[[dict[str, float], "Callable[[Path], None] | None"], bool]
+"""How a worker hands an eval to its trial: metrics and, when one is due, a function that writes
+the checkpoint into a folder; returns False when Tune stopped the trial (see :mod:`sweeps.pool`)."""
 
+
+@dataclass
+class Trial:
+    """One trial attempt set up on one worker: everything before the first collective call."""
+
+    job: dict[str, Any]
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainable_params: list[torch.nn.Parameter]
+    trainable: int
+    start_step: int
+    total_steps: int
+    train_loader: Any
+    eval_loader: Any
+    meta: dict[str, Any]
+    resumed_metrics: dict[str, float] | None
+    load_s: float
+
+
+def prepare_trial(job: dict[str, Any], spec: Any, splits: Any, rank: int, world: int, device: torch.device) -> Trial:
+    """Load the base from the model cache onto ``device``, apply the trial's adapter and restore
+    its checkpoint. Raises for a bad trial (say, targets the model lacks) on every rank alike."""
     from peft_engine import get_method, get_peft_model
     from peft_engine.bases import load_base
     from peft_engine.targets import resolve_target_preset
 
-    from .data import load_splits, make_loader
-    from .evaluate import evaluate
-    from .tracking import TrialLogger
+    from .data import make_loader
 
-    datasets.disable_progress_bars()
-    spec, params = config["spec"], config["params"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(spec.search.seed)
+    params = job["params"]
     load_started = time.perf_counter()
-
-    splits = load_splits(config["data_dir"])  # tokenized once by the driver (sweeps.run.prepare_data)
     pad = splits.pad_token_id
     train_loader = make_loader(splits.train, spec.train.batch_size, shuffle=True, seed=spec.search.seed,
                                pad_token_id=pad, rank=rank, world_size=world, drop_last=True)
     eval_loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
                               pad_token_id=pad, rank=rank, world_size=world, exact_shards=True)
-
     total_steps = _total_steps(spec.train, len(train_loader))
 
-    model, tokenizer = load_base(
+    torch.manual_seed(spec.search.seed)  # the same base head and adapter init wherever the job runs
+    model, _ = load_base(
         spec.base.model, task=spec.base.task, dtype=spec.base.dtype, device=device,
         quantization=params.quantization, trust_remote_code=spec.base.trust_remote_code,
         num_labels=spec.base.num_labels,
@@ -92,28 +105,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = get_peft_model(model, peft_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable_params, lr=params.learning_rate, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(spec.train.lr_schedule, params.warmup_ratio, total_steps))
-    start_step = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    start_step, resumed_metrics = _restore(job.get("resume_from"), model, optimizer, scheduler, params.weight_decay)
+    meta = {"base": spec.base.model_dump(), "quantization": params.quantization, "method": params.method,
+            "params": params.flat(), "data": spec.data.model_dump(), "seed": spec.search.seed}
+    return Trial(job, model, optimizer, scheduler, trainable_params, sum(p.numel() for p in trainable_params),
+                 start_step, total_steps, train_loader, eval_loader, meta, resumed_metrics,
+                 time.perf_counter() - load_started)
+
+
+def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: int, device: torch.device,
+                tracking_uri: str) -> None:
+    """Train one trial from its start step, evaluating and reporting every ``eval_every`` steps."""
+    import ray.train.torch
+
+    from .evaluate import evaluate
+    from .tracking import TrialLogger
+
+    model, optimizer, scheduler = trial.model, trial.optimizer, trial.scheduler
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     # AdaLoRA reallocates ranks from the gradients: after backward, before they are zeroed.
     update_and_allocate = getattr(model.base_model, "update_and_allocate", None)
-
-    meta = {"base": spec.base.model_dump(), "quantization": params.quantization, "method": params.method,
-            "params": params.flat(), "data": spec.data.model_dump(), "seed": spec.search.seed}
-    logger = TrialLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = TrialLogger(tracking_uri, trial.job["run_id"]) if rank == 0 else None
+    start_step, total_steps = trial.start_step, trial.total_steps
     if logger:
-        logger.log_metrics({"trainable_params": trainable, "load_s": time.perf_counter() - load_started}, step=0)
-        if start_step:  # a restarted worker group or a retried trial: the run shows where it picked up
+        logger.log_metrics({"trainable_params": trial.trainable, "load_s": trial.load_s}, step=0)
+        if start_step:  # a restarted worker group, a retried trial or a PBT exploit: where it picked up
             logger.log_metrics({"resumed_from_step": start_step}, step=start_step)
             logger.log_tags({"peft_sweeps.resumed_from_step": str(start_step)})
+    if start_step >= total_steps:  # restored from its final checkpoint: Tune still needs the result
+        report(trial.resumed_metrics or {}, None)
+        return
     clock = StepClock()
-    batches = _cycle(train_loader, start_epoch=start_step // max(len(train_loader), 1))
-    eval_every = spec.train.eval_every
+    batches = _cycle(trial.train_loader, start_epoch=start_step // max(len(trial.train_loader), 1))
     for step in range(start_step, total_steps):
         ddp_model.train()
         started = time.perf_counter()
@@ -125,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_value += float(loss.detach())
             clock.tokens += int(batch["attention_mask"].sum())
         if spec.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable_params, spec.train.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trial.trainable_params, spec.train.max_grad_norm)
         optimizer.step()
         if update_and_allocate is not None:
             update_and_allocate(step)
@@ -135,16 +162,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         clock.steps += 1
         clock.losses.append(loss_value)
         done = step + 1
-        if done % eval_every and done != total_steps:
+        if done % spec.train.eval_every and done != total_steps:
             continue
         started = time.perf_counter()
-        metrics = evaluate(ddp_model, eval_loader, task=spec.base.task, max_batches=spec.train.eval_batches)
+        metrics = evaluate(ddp_model, trial.eval_loader, task=spec.base.task, max_batches=spec.train.eval_batches)
         clock.eval_s += time.perf_counter() - started
-        metrics.update(_train_metrics(clock, done, world, device, trainable, len(train_loader)))
-        _report(metrics, model, optimizer, done, rank, meta, spec.train.checkpoint_every_eval or done == total_steps)
+        metrics.update(_train_metrics(clock, done, world, device, trial.trainable, len(trial.train_loader)))
         if logger:
             logger.log_metrics(metrics, step=done)
         clock.losses.clear()
+        due = spec.train.checkpoint_every_eval or done == total_steps
+        save = (lambda folder, m=dict(metrics), s=done: _save_checkpoint(folder, model, optimizer, s, m, trial.meta)) \
+            if due and rank == 0 else None
+        if not report(metrics, save):
+            break  # Tune stopped the trial (ASHA, PBT) or it was superseded
     if logger:
         logger.close()
 
@@ -202,25 +233,19 @@ def _train_metrics(clock: StepClock, step: int, world: int, device: torch.device
     }
 
 
-def _report(metrics: dict[str, float], model: Any, optimizer: torch.optim.Optimizer, step: int, rank: int,
-            meta: dict[str, Any], with_checkpoint: bool) -> None:
-    import ray.train
+def _save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, step: int,
+                     metrics: dict[str, float], meta: dict[str, Any]) -> None:
+    """An adapter-only checkpoint: the adapter in HF PEFT's layout, AdamW state, step and metrics."""
+    import ray
 
     from .serving import TRIAL_META
 
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            model.save_pretrained(folder)
-            _save_optimizer(optimizer, Path(folder))
-            node = ray.get_runtime_context().get_node_id()  # which machine wrote it, for post-mortems
-            Path(folder, TRAINER_STATE).write_text(json.dumps({"step": step, "metrics": metrics, "node_id": node}))
-            Path(folder, TRIAL_META).write_text(json.dumps(meta, indent=2))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    _save_optimizer(optimizer, folder)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # for post-mortems
+    (folder / TRAINER_STATE).write_text(json.dumps({"step": step, "metrics": metrics, "node_id": node}))
+    (folder / TRIAL_META).write_text(json.dumps(meta, indent=2))
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -233,23 +258,28 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     (folder / "optimizer.json").write_text(json.dumps(state["param_groups"]))
 
 
-def _restore(checkpoint: Any, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Load adapter weights and optimizer state from a checkpoint; return the step to start at."""
-    if checkpoint is None:
-        return 0
+def _restore(folder: str | None, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+             weight_decay: float) -> tuple[int, dict[str, float] | None]:
+    """Load adapter weights and optimizer state from a checkpoint folder; return the step to start
+    at and the metrics saved with it. The learning rate and weight decay stay this trial's own (a
+    PBT exploit continues a better trial's checkpoint with perturbed hyperparameters)."""
+    if folder is None:
+        return 0, None
     from peft_engine import set_peft_model_state_dict
     from peft_engine.save_load import load_adapter_file
 
-    with checkpoint.as_directory() as folder:
-        set_peft_model_state_dict(model, load_adapter_file(os.path.join(folder, "adapter_model.safetensors")))
-        tensors = load_file(os.path.join(folder, OPTIMIZER_STATE))
-        groups = json.loads(Path(folder, "optimizer.json").read_text())
-        step = json.loads(Path(folder, TRAINER_STATE).read_text())["step"]
+    set_peft_model_state_dict(model, load_adapter_file(os.path.join(folder, "adapter_model.safetensors")))
+    tensors = load_file(os.path.join(folder, OPTIMIZER_STATE))
+    groups = json.loads(Path(folder, "optimizer.json").read_text())
+    saved = json.loads(Path(folder, TRAINER_STATE).read_text())
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    for _ in range(step):
-        scheduler.step()
-    return step
+    step = saved["step"]
+    scheduler.last_epoch = step  # the schedule at `step`, scaled from this trial's base learning rate
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, base_lr * factor(step), weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return step, saved.get("metrics")

@@ -3,10 +3,11 @@
 Two ``ray start`` processes on one machine stand in for two machines: a head (1 CPU) and a
 worker node (1 CPU) joined to it, each its own process group (``sweeps.stack``); a local tmp
 folder both see is the shared storage. Every Ray Train worker needs 1 CPU, so with two
-trials at once one runs on each node. Once a trial has checkpointed on the worker node and
-is still training, that node's process group is killed (a machine lost mid-sweep). Ray Train
-(``worker_max_failures``) or Tune (``trial_max_failures``) restarts the lost trial on the head,
-where it resumes from its last adapter checkpoint on shared storage (its MLflow run records
+trials at once one warm worker pool runs on each node. Once a trial has checkpointed on the
+worker node and is still training, that node's process group is killed (a machine lost
+mid-sweep). The board hands the lost job to the head's pool (``worker_max_failures``), or Tune
+retries the trial when its trial actor was lost too (``trial_max_failures``); either way it
+resumes from its last adapter checkpoint on shared storage (its MLflow run records
 ``resumed_from_step``), and the sweep must still end normally with all 4 trials and a champion.
 
 This test uses its own cluster and MLflow server, not the session ``cluster`` fixture.
@@ -68,22 +69,19 @@ def _start_driver(state: Path, mlflow_url: str, address: str, storage: Path, spa
                                 start_new_session=True)
 
 
-def _training_on(storage: Path, node_id: str, total_steps: int) -> bool:
-    """Whether a trial whose latest *registered* checkpoint was written on ``node_id`` is still training.
-
-    Registered means listed in the Train run's checkpoint-manager snapshot: a checkpoint folder
-    already in storage but not yet recorded by Train's controller is not resumed from.
-    """
-    for snapshot in storage.glob("*/train_runs/*/checkpoint_manager_snapshot.json"):
+def _training_on(storage: Path, node_id: str, total_steps: int) -> set[str]:
+    """Checkpoints written on ``node_id`` by trials that are still training (Tune's trial folders)."""
+    found = set()
+    for state_file in storage.glob("*/run_trial_*/checkpoint_*/trainer_state.json"):
         try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-            latest = max(results, key=lambda r: r["metrics"]["step"])
-            state = json.loads((snapshot.parent / latest["checkpoint_dir_name"] / "trainer_state.json").read_text())
-        except (OSError, ValueError, KeyError):  # being written, or no checkpoint yet
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):  # being written
             continue
-        if state.get("node_id") == node_id and state["step"] < total_steps:
-            return True
-    return False
+        trial = state_file.parent.parent
+        latest = max(trial.glob("checkpoint_*"), default=None)
+        if state.get("node_id") == node_id and state["step"] < total_steps and latest == state_file.parent:
+            found.add(str(state_file.parent))
+    return found
 
 
 def test_sweep_survives_losing_a_worker_node(tmp_path):
@@ -118,15 +116,19 @@ def test_sweep_survives_losing_a_worker_node(tmp_path):
         driver = _start_driver(state, mlflow.url, address, storage, space, driver_log)
         seen: dict[str, str] = {}  # Ray Train worker actor id -> node id
         killed_at = None
+        candidates: set[str] = set()
         deadline = time.monotonic() + TIMEOUT_S
         while driver.poll() is None and time.monotonic() < deadline:
             for actor in _state_api(head.url, token, "actors", class_name="RayTrainWorker"):
                 if actor.get("node_id"):
                     seen[actor["actor_id"]] = actor["node_id"]
-            # Lose the node while a trial that has checkpointed there is still training.
-            if killed_at is None and _training_on(storage, worker_node, STEPS):
+            # Lose the node while a trial that has checkpointed there is still training: the same
+            # latest checkpoint seen on two polls a second apart, so Tune has taken it in.
+            now_training = _training_on(storage, worker_node, STEPS)
+            if killed_at is None and candidates & now_training:
                 stack.stop(state, WORKER, grace=0)
                 killed_at = time.monotonic() - started
+            candidates = now_training
             time.sleep(1)
         if driver.poll() is None:
             pytest.fail(f"the sweep did not end within {TIMEOUT_S}s:\n{driver_log.read_text()[-4000:]}")
@@ -136,8 +138,8 @@ def test_sweep_survives_losing_a_worker_node(tmp_path):
         assert {head_node, worker_node} <= set(seen.values()), f"trials ran on {set(seen.values())}"
         assert driver.returncode == 0, output[-6000:]
         assert "4 trials: 4 finished, 0 stopped early, 0 failed" in output, output[-4000:]
-        # Ray Train (worker group restart) or Tune (trial retry) may catch the loss; either way the
-        # lost trial restarted from its checkpoint, and its run records where it picked up.
+        # The board (lost pool) or Tune (trial retry) may catch the loss; either way the lost
+        # trial restarted from its checkpoint, and its run records where it picked up.
         resumed = [c for c in runs_of({"mlflow": mlflow}, NAME)[1] if "peft_sweeps.resumed_from_step" in c.data.tags]
         assert resumed, f"the node loss hit no running trial (nothing resumed)\n{output[-4000:]}"
         assert all(int(c.data.tags["peft_sweeps.resumed_from_step"]) >= EVAL_EVERY for c in resumed)

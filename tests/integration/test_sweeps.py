@@ -8,6 +8,7 @@ runs, statuses, the registry gate, resuming, job submission, failures.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -108,3 +109,24 @@ def test_ray_job_submit_with_a_failing_trial(cluster, tmp_path, monkeypatch, cap
     assert statuses == ["FAILED", "FINISHED"], statuses
     failed = next(c for c in children if c.info.status == "FAILED")
     assert "no_such_module" in failed.data.tags.get("peft_sweeps.error", "") or failed.data.tags.get("peft_sweeps.outcome") == "failed"
+
+
+def test_pbt_clones_a_better_trial_checkpoint(cluster, tmp_path):
+    """PBT exploits through real Tune checkpoints: the worse trial continues from the better one's adapter."""
+    space = write_space(tmp_path, "itest-pbt", **{
+        "space.method": "lora", "space.methods": {"lora": {"r": 4, "lora_alpha": 8}},
+        "space.learning_rate": {"loguniform": [1.0e-5, 1.0e-1]},  # distinct rates: distinct scores
+        "search.algorithm": "random", "search.num_samples": 2, "search.max_concurrent": 2,
+        "search.scheduler": {"type": "pbt", "perturbation_interval": 1},
+        "train.max_steps": 24, "train.eval_every": 4,
+    })
+    result = run_cli(cluster, space)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    sweep_dir = max(cluster["storage"].glob("itest-pbt-*"))
+    policy = [json.loads(line) for line in (sweep_dir / "pbt_global.txt").read_text().splitlines() if line.strip()]
+    assert policy, "PBT exploited no trial"
+    _, children = runs_of(cluster, "itest-pbt")
+    resumed = [c for c in children if "peft_sweeps.resumed_from_step" in c.data.tags]
+    assert resumed, "the exploiting trial did not restart from the cloned checkpoint"
+    assert all(int(c.data.tags["peft_sweeps.resumed_from_step"]) % 4 == 0 for c in resumed)
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]

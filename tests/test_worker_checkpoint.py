@@ -1,0 +1,51 @@
+"""A trial's adapter-only checkpoint round trip, as a retried trial or a PBT exploit restores it."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from peft_engine import LoraConfig, get_peft_model
+from sweeps.worker import TRAINER_STATE, _restore, _save_checkpoint, _schedule
+from tests.conftest import VOCAB, tiny_llama
+
+
+def _trial(lr: float, weight_decay: float, total: int = 10):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule("linear", 0.0, total))
+    return model, optimizer, scheduler
+
+
+def test_restore_continues_the_adapter_and_moments_with_this_trials_hyperparameters(tmp_path):
+    model, optimizer, scheduler = _trial(lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    _save_checkpoint(tmp_path, model, optimizer, 3, {"eval_loss": 1.5, "step": 3}, {"method": "lora"})
+    assert json.loads((tmp_path / TRAINER_STATE).read_text())["step"] == 3
+
+    # A PBT exploit: another trial (new learning rate and weight decay) continues this checkpoint.
+    clone, clone_optimizer, clone_scheduler = _trial(lr=1e-3, weight_decay=0.1)
+    step, metrics = _restore(str(tmp_path), clone, clone_optimizer, clone_scheduler, weight_decay=0.1)
+    assert (step, metrics["eval_loss"]) == (3, 1.5)
+    saved = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, param in clone.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, saved[name], rtol=0, atol=0)
+    moments = [s["exp_avg"] for s in optimizer.state.values()]
+    torch.testing.assert_close([s["exp_avg"] for s in clone_optimizer.state.values()], moments, rtol=0, atol=0)
+    group = clone_optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.1
+    assert abs(group["lr"] - 1e-3 * (1 - 3 / 10)) < 1e-12  # this trial's lr, on the schedule at step 3
+
+
+def test_no_checkpoint_starts_at_step_zero():
+    model, optimizer, scheduler = _trial(lr=1e-3, weight_decay=0.0)
+    assert _restore(None, model, optimizer, scheduler, weight_decay=0.0) == (0, None)
