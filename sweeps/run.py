@@ -154,32 +154,36 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
     from sweeps.tracking import SweepTracker
     from sweeps.trial import SweepContext, run_trial
 
-    tracker = SweepTracker(tracking_uri, spec.name)
-    state_file = sweep_dir / SWEEP_STATE
-    fresh = not (resume and state_file.exists())
-    if fresh:
-        sweep_id = sweep_dir.name
-        parent = tracker.start_sweep(sweep_id, name=sweep_id, params=_sweep_params(spec), space_file=str(space_file))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        context = SweepContext(sweep_id, parent, tracking_uri, spec.name, str(sweep_dir / "train_runs"),
-                               str(sweep_dir / "data"))
-    else:
-        context = SweepContext(**json.loads(state_file.read_text())["context"])
     address = address or os.environ.get("RAY_ADDRESS")
     # A local Ray's workers import this project from the checkout even when it is not installed.
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
     ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True, log_to_driver=True)
-    # The worker pools start warming up (controller, workers, imports) while the data is prepared.
+    state_file = sweep_dir / SWEEP_STATE
+    fresh = not (resume and state_file.exists())
+    if fresh:
+        storage_path, data_dir = str(sweep_dir / "train_runs"), str(sweep_dir / "data")
+    else:
+        saved = json.loads(state_file.read_text())["context"]
+        storage_path, data_dir = saved["storage_path"], saved["data_dir"]
+    # The worker pools warm up (controller, workers, imports) while MLflow and the data are prepared.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = TrialBoard.options(scheduling_strategy=here).remote(
         pools=_pool_count(spec), max_resumes=spec.resources.worker_max_failures)
-    pools = WorkerPools(spec, board, count=_pool_count(spec), storage_path=context.storage_path,
-                        data_dir=context.data_dir, tracking_uri=tracking_uri)
+    pools = WorkerPools(spec, board, count=_pool_count(spec), storage_path=storage_path, data_dir=data_dir,
+                        tracking_uri=tracking_uri)
     pools.start()
     try:
+        tracker = SweepTracker(tracking_uri, spec.name)
         if fresh:
+            sweep_id = sweep_dir.name
+            parent = tracker.start_sweep(sweep_id, name=sweep_id, params=_sweep_params(spec),
+                                         space_file=str(space_file))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            context = SweepContext(sweep_id, parent, tracking_uri, spec.name, storage_path, data_dir)
             prepare_data(spec, Path(context.data_dir))
             state_file.write_text(json.dumps({"context": asdict(context), "space": str(space_file)}, indent=2))
+        else:
+            context = SweepContext(**saved)
         results = _fit(spec, sweep_dir, resume, tune.with_parameters(run_trial, spec=spec, sweep=context, board=board))
     finally:
         pools.close()
