@@ -45,6 +45,7 @@ class Board:
         self._pools_left = pools
         self._finished: dict[str, int] = {}  # pool id -> jobs it ended
         self._fatal: str | None = None  # every pool is gone: no job can run any more
+        self._started: set[str] = set()  # pools whose workers are up
 
     # ------------------------------------------------------------------ the trial's side
 
@@ -81,6 +82,12 @@ class Board:
             self._decisions[key].put_nowait(STOP)
 
     # ------------------------------------------------------------------ the workers' side
+
+    def started(self, pool_id: str) -> None:
+        self._started.add(pool_id)
+
+    def started_pools(self) -> set[str]:
+        return set(self._started)
 
     async def take(self, pool_id: str, timeout_s: float) -> dict[str, Any] | None:
         """The pool's next job: a job whose pool was lost first, then the queue in order.

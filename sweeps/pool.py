@@ -58,11 +58,17 @@ class WorkerPools:
             self._threads.append(thread)
 
     def close(self, timeout_s: float = 120.0) -> None:
-        """End the pools: idle workers return, and each Train run finishes normally."""
+        """End the pools: idle workers return, and each Train run finishes normally.
+
+        A pool still waiting for resources (more concurrent trials than the cluster holds) is
+        not waited for: its Train run ends with this driver, which owns it.
+        """
         ray.get(self.board.close.remote())
+        started = ray.get(self.board.started_pools.remote())
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.name in started:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self, pool_id: str) -> None:
         failures = 0
@@ -124,6 +130,8 @@ def pool_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     splits = None  # tokenized once by the driver while the pools start; memory-mapped at the first job
+    if rank == 0:
+        ray.get(board.started.remote(pool_id))
     while True:
         job = ray.get(board.take.remote(pool_id, TAKE_TIMEOUT_S)) if rank == 0 else None
         job = _broadcast(job, world)
