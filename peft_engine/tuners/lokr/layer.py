@@ -7,14 +7,20 @@ The Kronecker product never has to exist: reading x (length c·d) as a c x d mat
 ``(W1 ⊗ W2) vec(X) = vec(W2 X W1^T)`` in row-major form). A Linear update then costs
 ``c·d·b + a·c·b`` multiply-adds per token instead of ``a·b·c·d``, plus nothing to build.
 Convolutions build the (small) kernel delta, W2 optionally in CP form (``lokr_t2``).
+Training on a Linear runs one GEMM with ``W + delta`` (see :mod:`..lycoris`); with a single
+adapter and no rank dropout its backward contracts the gradient with the factors
+(:class:`_KronMergedLinear`) instead of forming the (out x in) weight gradient.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..lycoris import LycorisLayer, lycoris_target
 from .config import LoKrConfig
@@ -108,6 +114,24 @@ class LoKrLayer(LycorisLayer):
         delta = torch.kron(w1, w2.contiguous()) * self.scaling[adapter_name]
         return delta.reshape(self.get_base_layer().weight.shape) if self.conv_fn is not None else delta
 
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One active adapter without rank dropout: the summed-weight GEMM with a factored backward.
+
+        The generic summed-weight path gets W1/W2's gradients from the full (out x in) weight
+        gradient ``g^T x`` (a GEMM as large as the layer) and reduces it through the Kronecker
+        product; :class:`_KronMergedLinear` contracts ``g`` and ``x`` with the factors directly.
+        """
+        names = [n for n in self.active_adapters if n in self.adapter_names]
+        if len(names) != 1 or self.rank_dropout[names[0]]:
+            return super()._merged_forward(x)
+        name = names[0]
+        base = self.base_layer
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        p = self.module_dropout[name]
+        if p and torch.rand(1) <= p:  # the whole adapter is dropped for this step
+            return F.linear(x.to(weight.dtype), weight, base.bias)
+        return _KronMergedLinear.apply(x, weight, base.bias, self.w1(name), self.w2(name), self.scaling[name])
+
     def linear_delta_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         a, b, c, d = self.kron_shape[adapter_name]
         w1 = self.w1(adapter_name)
@@ -123,6 +147,50 @@ class LoKrLayer(LycorisLayer):
         update = update.reshape(*x.shape[:-1], a * b)
         drop = self.row_drop(adapter_name, a * b, update)
         return update if drop is None else update * drop
+
+
+class _KronMergedLinear(torch.autograd.Function):
+    """``F.linear(x, W + s * kron(W1, W2), bias)`` whose backward never forms the (out x in) weight gradient.
+
+    With g read as (tokens, a, b) and x as (tokens, c, d) (``kron(W1, W2)[(i,j),(k,l)] = W1[i,k] W2[j,l]``):
+    ``dW2 = s * sum_(t,i) g[t,i,:]^T (W1 X_t)[i,:]`` and ``dW1 = s * sum_t (G_t W2) X_t^T``: four GEMMs of
+    ``tokens * in * b`` (or ``a``) multiply-adds instead of the ``tokens * out * in`` one for ``g^T x``
+    followed by elementwise reductions over the (out x in) gradient. The forward is the summed
+    weight's GEMM, as in :meth:`LycorisLayer._merged_forward` (same operations, same values).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1: torch.Tensor,
+                w2: torch.Tensor, scaling: float) -> torch.Tensor:
+        merged = weight + (torch.kron(w1, w2.contiguous()) * scaling).to(weight.dtype)
+        ctx.save_for_backward(x, merged, w1, w2)
+        ctx.scaling = scaling
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x.to(merged.dtype), merged, bias)
+
+    @staticmethod
+    @once_differentiable  # the saved summed weight carries no graph to W1/W2: no double backward
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, merged, w1, w2 = ctx.saved_tensors
+        (a, c), (b, d) = w1.shape, w2.shape
+        g = grad.reshape(-1, a * b)
+        grad_x = grad_weight = grad_bias = grad_w1 = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g.to(merged.dtype) @ merged).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # a trainable base weight (not the usual case)
+            grad_weight = (g.T.to(merged.dtype) @ x.reshape(-1, c * d).to(merged.dtype)).to(merged.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            rows = g.to(w1.dtype).reshape(-1, b)  # (tokens * a, b): row (t, i) is G_t[i, :]
+            grid = x.to(w1.dtype).reshape(-1, c, d)  # X_t
+            if ctx.needs_input_grad[4]:
+                left = torch.bmm(w1.expand(grid.shape[0], a, c), grid).view(-1, d)  # (tokens * a, d): W1 X_t
+                grad_w2 = (rows.T @ left) * ctx.scaling
+            if ctx.needs_input_grad[3]:
+                right = (rows @ w2).view(-1, a, d)  # G_t W2
+                grad_w1 = torch.bmm(right, grid.transpose(1, 2)).sum(0) * ctx.scaling
+        return grad_x, grad_weight, grad_bias, grad_w1, grad_w2, None
 
 
 def create_lokr_layer(target: nn.Module, adapter_name: str, config: LoKrConfig, module_name: str) -> LoKrLayer | None:

@@ -6,6 +6,10 @@ R is never built for the forward: x is cut into blocks and each block multiplied
 (b x b) rotation, ``in * b`` multiply-adds per token instead of ``in²`` (the weight is not
 touched either, so the base layer may be quantized). Merging folds R into the weight
 (``W R^T``); unmerging multiplies by the inverse (the Neumann series is only nearly orthogonal).
+A training forward with more tokens than output features (a plain linear base) rotates the
+weight's column blocks instead, ``W R^T`` being the cheaper product there (:class:`_RotatedLinear`).
+The rotation and the Neumann series have hand-written backwards (batched GEMMs on strided views,
+the polynomial's derivative in Horner form) in place of autograd's many small kernels.
 
 Each block is the Cayley transform ``(I - Q)(I + Q)^-1`` of a skew-symmetric Q built from the
 trained upper triangle, or its Neumann-series approximation ``I + 2Q + 2Q² + ... + Q^(n-1)``.
@@ -20,10 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ...targets import Conv1D
-from ..common import ComposedMethodLayer, in_out_features, is_linear_like
+from ..common import ComposedMethodLayer, in_out_features, is_linear_like, is_quantized
 from .config import OFTConfig
 
 
@@ -31,10 +37,36 @@ def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``x @ block_diag(blocks)`` without the block-diagonal matrix; blocks is (n, b, b) or (1, b, b)."""
     n, b = blocks.shape[0], blocks.shape[-1]
     count = x.shape[-1] // b
-    grid = x.reshape(*x.shape[:-1], count, b)
     if n == 1 and count > 1:
-        return (grid @ blocks[0]).reshape(x.shape)
-    return torch.einsum("...rk,rkc->...rc", grid, blocks).reshape(x.shape)
+        return (x.reshape(*x.shape[:-1], count, b) @ blocks[0]).reshape(x.shape)
+    return _BlockRotation.apply(x, blocks)
+
+
+class _BlockRotation(torch.autograd.Function):
+    """``x @ block_diag(blocks)`` as one batched GEMM per pass, with the block index as the batch.
+
+    x is read as (tokens, n, b) and handed to ``bmm`` as the strided view (n, tokens, b): no
+    copy going in, one going out. The backward is the two batched GEMMs the gradients need
+    (``g blocks^T`` for x, ``x^T g`` per block for the blocks) on the same views; einsum's
+    autograd instead copies inputs and gradients into block-major layouts on each pass.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, blocks)
+        return _rotate(x, blocks)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, blocks = ctx.saved_tensors
+        # Under autocast the forward may have run in lower precision; the backward runs in the inputs'.
+        grad = grad.to(blocks.dtype)
+        grad_x = grad_blocks = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _rotate(grad, blocks.transpose(-2, -1)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_blocks = _block_outer(x.to(blocks.dtype), grad, blocks.shape[0], blocks.shape[-1])
+        return grad_x, grad_blocks
 
 
 def block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
@@ -50,6 +82,124 @@ def block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     return (1 - mask) * blocks + mask * eye
 
 
+class _RotatedLinear(torch.autograd.Function):
+    """``F.linear(x @ block_diag(blocks), W, bias)`` computed as ``F.linear(x, W block_diag(blocks)^T, bias)``.
+
+    For a training step with more tokens than output features (k/v projections: 512 tokens,
+    192 outputs) rotating the weight's column blocks costs ``out * in * b`` multiply-adds
+    against ``tokens * in * b`` for the input, and copies an (out x in) matrix instead of a
+    (tokens x in) one. The backward is the input route's (the gradient of the rotated input,
+    ``g W``, is needed for the blocks anyway): ``g W`` then two batched GEMMs, no
+    (out x in) weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, blocks, weight)
+        return F.linear(x, _rotate(weight, blocks.transpose(-2, -1)), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, blocks, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_rotated = grad @ weight  # the gradient of x @ block_diag(blocks)
+        grad_x = grad_blocks = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _rotate(grad_rotated, blocks.transpose(-2, -1)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_blocks = _block_outer(x.to(blocks.dtype), grad_rotated.to(blocks.dtype), blocks.shape[0],
+                                       blocks.shape[-1])
+        if ctx.needs_input_grad[2]:  # a trainable base weight (not the usual case)
+            flat = grad.reshape(-1, grad.shape[-1])
+            grad_weight = flat.T @ _rotate(x, blocks).reshape(-1, x.shape[-1]).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_blocks, grad_weight, grad_bias
+
+
+def _rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ block_diag(blocks)`` outside autograd's view: one batched GEMM (or one GEMM for a shared block)."""
+    n, b = blocks.shape[0], blocks.shape[-1]
+    if n == 1:
+        return (x.reshape(-1, b) @ blocks[0]).reshape(x.shape)
+    return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), blocks).transpose(0, 1).reshape(x.shape)
+
+
+def _block_outer(x: torch.Tensor, grad: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    """The blocks' gradient of ``x @ block_diag(blocks)`` given the output's: ``x_i^T g_i`` per block (summed if shared)."""
+    if n == 1:
+        return (x.reshape(-1, b).T @ grad.reshape(-1, b)).unsqueeze(0)
+    return torch.bmm(x.reshape(-1, n, b).permute(1, 2, 0), grad.reshape(-1, n, b).transpose(0, 1))
+
+
+def neumann_coefficients(terms: int) -> list[float]:
+    """Coefficients of HF PEFT's truncated Cayley series ``sum c_k Q^k`` for ``terms`` terms.
+
+    1: I; 2: I + 2Q; n >= 3: I + 2Q + ... + 2Q^(m-1) + Q^m with m = max(n - 1, 3) (HF PEFT's loop
+    adds 2Q² and a final Q³ already for n = 3, exactly as for n = 4).
+    """
+    if terms <= 2:
+        return [1.0, 2.0][:max(terms, 1)]
+    top = max(terms - 1, 3)
+    return [1.0] + [2.0] * (top - 1) + [1.0]
+
+
+class _CayleyNeumann(torch.autograd.Function):
+    """The (n, b, b) blocks ``sum c_k Q^k`` from the trained upper triangles, with a hand-written backward.
+
+    The forward is HF PEFT's series (same operations in the same order, so the same values).
+    Autograd through it runs ~25 small kernels per backward (the matmul chain, the scalings, the
+    eye/add bookkeeping, a scatter for the skew matrix); this backward is the derivative of the
+    polynomial in Horner form, ``dQ = sum_j A^j G N_j`` with ``A = Q^T`` and
+    ``N_j = sum_(k>j) c_k A^(k-1-j)``, i.e. two batched GEMMs per power, on the powers the
+    forward already made, then ``dvec = dQ[upper] - dQ[lower]``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, vec: torch.Tensor, index: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
+                block_size: int, terms: int) -> torch.Tensor:
+        q = skew_from_upper(vec, index, block_size)
+        result = torch.add(torch.eye(block_size, device=q.device, dtype=q.dtype), q, alpha=2.0)  # I + 2Q
+        powers = [q]
+        if terms > 2:  # HF PEFT's exact series: 2 Q² ... 2 Q^(n-2), then Q^(n-1) (n >= 4)
+            power = torch.bmm(q, q)
+            result.add_(power, alpha=2.0)
+            for _ in range(3, terms - 1):
+                powers.append(power)
+                power = torch.bmm(power, q)
+                result.add_(power, alpha=2.0)
+            powers.append(power)
+            result.add_(torch.bmm(power, q))
+        ctx.save_for_backward(upper, lower, *powers)
+        ctx.coefficients = neumann_coefficients(terms)
+        return result
+
+    @staticmethod
+    @once_differentiable  # the saved powers carry no graph: refuse double backward rather than get it wrong
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        upper, lower, *powers = ctx.saved_tensors
+        c = ctx.coefficients
+        m = len(c) - 1  # the highest power; powers holds Q^1 .. Q^(m-1)
+        powers = [p.to(grad.dtype) for p in powers]  # autocast may have made them in lower precision
+        a = powers[0].transpose(1, 2)
+        acc = grad * c[m] if c[m] != 1 else grad
+        for j in range(m - 2, -1, -1):  # acc = G N_j + A acc, with G N_j = c_(j+1) G + G (sum_i c_(j+1+i) Q^i)^T
+            k = m - 1 - j
+            tail = powers[k - 1] if c[j + 1 + k] == 1 else powers[k - 1] * c[j + 1 + k]
+            for i in range(1, k):
+                tail = tail.add(powers[i - 1], alpha=c[j + 1 + i])
+            acc = torch.baddbmm(torch.baddbmm(grad, grad, tail.transpose(1, 2), beta=c[j + 1]), a, acc)
+        flat = acc.reshape(acc.shape[0], -1)
+        return flat.index_select(1, upper) - flat.index_select(1, lower), None, None, None, None, None
+
+
+def skew_from_upper(vec: torch.Tensor, index: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The skew-symmetric (n, b, b) matrices with upper triangles ``vec``: one gather from [vec, -vec, 0]."""
+    table = torch.cat([vec, -vec, vec.new_zeros(vec.shape[0], 1)], dim=1)
+    return table.index_select(1, index).view(vec.shape[0], block_size, block_size)
+
+
 class OFTRotation(nn.Module):
     """The trained upper triangles of the skew-symmetric generators (HF PEFT's ``oft_R`` module)."""
 
@@ -62,11 +212,19 @@ class OFTRotation(nn.Module):
         rows, cols = torch.triu_indices(block_size, block_size, 1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
+        # Flat (b*b) positions of the upper and lower triangles, and for each of the b*b entries
+        # its place in [vec, -vec, 0] (the zero for the diagonal).
+        upper, lower = rows * block_size + cols, cols * block_size + rows
+        count = rows.numel()
+        index = torch.full((block_size * block_size,), 2 * count, dtype=torch.long)
+        index[upper] = torch.arange(count)
+        index[lower] = torch.arange(count) + count
+        self.register_buffer("upper", upper, persistent=False)
+        self.register_buffer("lower", lower, persistent=False)
+        self.register_buffer("skew_index", index, persistent=False)
 
     def skew(self, vec: torch.Tensor) -> torch.Tensor:
-        q = vec.new_zeros(vec.shape[0], self.block_size, self.block_size)
-        q[:, self.rows, self.cols] = vec
-        return q - q.transpose(-2, -1)
+        return skew_from_upper(vec, self.skew_index, self.block_size)
 
     @torch.no_grad()
     def project(self) -> None:
@@ -81,21 +239,15 @@ class OFTRotation(nn.Module):
         """The (stored_blocks, b, b) rotations."""
         if self.coft:
             self.project()
+        if self.neumann and self.terms > 1:
+            return _CayleyNeumann.apply(self.weight, self.skew_index, self.upper, self.lower, self.block_size,
+                                        self.terms)
+        eye = torch.eye(self.block_size, device=self.weight.device, dtype=self.weight.dtype)
+        if self.neumann:  # a single term: the identity
+            return eye.repeat(self.weight.shape[0], 1, 1)
         q = self.skew(self.weight)
-        if not self.neumann:
-            eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
-            return torch.linalg.solve(eye + q, eye - q, left=False)
-        result = torch.eye(self.block_size, device=q.device, dtype=q.dtype).repeat(q.shape[0], 1, 1)
-        if self.terms > 1:
-            result = result + 2 * q
-        if self.terms > 2:  # HF PEFT's exact series: 2 Q² ... 2 Q^(n-2), then Q^(n-1) (n >= 4)
-            power = q @ q
-            result = result + 2 * power
-            for _ in range(3, self.terms - 1):
-                power = power @ q
-                result = result + 2 * power
-            result = result + power @ q
-        return result
+        eye = eye.expand_as(q)
+        return torch.linalg.solve(eye + q, eye - q, left=False)
 
 
 class OFTLayer(ComposedMethodLayer):
@@ -181,10 +333,30 @@ class OFTLayer(ComposedMethodLayer):
         if self.kind == "conv":
             return self._conv(present, x)
         dtype = x.dtype
+        if len(present) == 1 and not args and not kwargs and self._rotates_weight(present[0], x):
+            blocks = self.blocks(present[0], train=True)
+            base = self.base_layer
+            weight = base.weight.T if self.fan_in_fan_out else base.weight
+            return _RotatedLinear.apply(x, blocks, weight, base.bias)
         for name in present:
             blocks = self.blocks(name, train=True)
             x = rotate_blocks(x.to(blocks.dtype), blocks)
         return self.base_layer(x.to(dtype), *args, **kwargs)
+
+    def _rotates_weight(self, adapter_name: str, x: torch.Tensor) -> bool:
+        """Whether the training forward is cheaper rotating the weight (see :class:`_RotatedLinear`).
+
+        Only on a plain (unquantized, unstacked) linear base in the adapter's dtype, with
+        grads on, and more tokens than output features.
+        """
+        base = self.base_layer
+        if not (torch.is_grad_enabled() and base is self.get_base_layer() and is_linear_like(base)
+                and not is_quantized(base)):
+            return False
+        weight = base.weight
+        tokens = x.numel() // max(x.shape[-1], 1)
+        return (tokens > self.out_features and x.dtype == weight.dtype == self.rotation(adapter_name).weight.dtype
+                and x.shape[-1] == self.in_features)
 
     def _conv(self, names: Sequence[str], x: torch.Tensor) -> torch.Tensor:
         """Rotating every input patch by R equals convolving with ``W R^T``: the kernel is tiny, rotate it.
