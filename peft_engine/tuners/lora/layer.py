@@ -10,6 +10,7 @@ math lives in :mod:`.dora`, the non-default initialisations in :mod:`.init`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 
 from ...targets import linear_types
 from ..base import AdapterLayer
-from . import dora
+from . import dora, fused
 from .config import LoraConfig
 from .init import initialise
 
@@ -151,6 +152,48 @@ class Linear(LoraLayer):
 
     from_dense = to_dense
 
+    def _active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:
+            out = self._fused_forward(x)
+            if out is not None:
+                return out
+        return super()._active_forward(x, *args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Base and adapter as one autograd node (see :mod:`.fused`), or None to take the general path.
+
+        Fused only in the plain case: one active adapter on a bare nn.Linear / Conv1D (not quantized,
+        not another adapter layer, no hooks), no dropout at work, one dtype throughout, no autocast.
+        Tensors are read from the module dicts directly: this runs for every layer of every step,
+        and ``nn.Module.__getattr__`` (behind our own fall-through one) costs microseconds a lookup.
+        """
+        modules = self._modules
+        lora_a = modules["lora_A"]._modules
+        names = [n for n in self.active_adapters if n in lora_a]
+        if len(names) != 1:
+            return None
+        name = names[0]
+        base = modules["base_layer"]
+        if type(base) not in _LINEAR_TYPES or base._forward_hooks or base._forward_pre_hooks or _global_hooks():
+            return None
+        dropout = modules["lora_dropout"]._modules[name]
+        if dropout.training and getattr(dropout, "p", 0.0) > 0:
+            return None
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
+        a = lora_a[name]._parameters["weight"]
+        b = modules["lora_B"]._modules[name]._parameters["weight"]
+        dtype, device = x.dtype, x.device
+        if not (dtype == weight.dtype == a.dtype == b.dtype and x.is_floating_point() and weight.device == device):
+            return None
+        if torch.is_autocast_enabled(device.type) or (bias is not None and (bias.dtype, bias.device) != (dtype, device)):
+            return None
+        if not self.use_dora[name]:
+            return fused.lora_linear(x, weight, bias, a, b, self.scaling[name], self.fan_in_fan_out)
+        magnitude = modules["lora_magnitude_vector"]._modules[name]._parameters["weight"]
+        if weight.requires_grad or magnitude.dtype != dtype or magnitude.shape != (self.out_features,):
+            return None
+        return fused.dora_linear(x, weight, bias, a, b, magnitude, self.scaling[name], self.fan_in_fan_out)
+
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[adapter_name].weight
         b = self.lora_B[adapter_name].weight
@@ -164,6 +207,15 @@ class Linear(LoraLayer):
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.T,
                            alpha=scaling)
         return flat.view(result.shape)
+
+
+_LINEAR_TYPES = linear_types()
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module are set: the base must then run as a module."""
+    module = nn.modules.module
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
 class Embedding(LoraLayer):
