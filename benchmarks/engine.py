@@ -11,7 +11,7 @@ tiny model; SmolLM2 runs the weight-adapting rows (prompt methods too with ``--r
 For each row (a method and its settings) both engines wrap identical deep copies of one base,
 get identical adapter weights (ours are drawn, perturbed away from their no-op init so the
 update is real, then loaded into HF PEFT through the shared adapter file format) and the same
-batch (4 x 128 tokens). Per repeat the training step (forward + backward + AdamW step) of
+batch (4 x 128 tokens). Per repeat the training step (forward + backward + fused AdamW step) of
 ours, HF PEFT's and the FLOOR run next to each other; then unmerged inference (ours, HF, base)
 and merged inference (``merge_adapter()``: ours, HF, base). Medians are reported.
 
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 import peft_engine
+from sweeps.worker import make_adamw
 
 from .common import (
     Timings,
@@ -195,7 +196,7 @@ class Floor:
 def train_step_fn(model: Any, params: list[torch.nn.Parameter], batch: dict[str, torch.Tensor],
                   tuner: Any = None) -> Callable[[], float]:
     """One optimizer step; AdaLoRA also re-allocates ranks after backward, as its training loop must."""
-    optimizer = torch.optim.AdamW(params, lr=LR)
+    optimizer = make_adamw(params, LR, 0.0)  # fused where torch can, as the sweep's workers and the Trainer use
     allocate = getattr(tuner, "update_and_allocate", None)
     state = {"step": 0}
 

@@ -7,7 +7,7 @@ import json
 import torch
 
 from peft_engine import LoraConfig, get_peft_model
-from sweeps.worker import TRAINER_STATE, _adamw, _restore, _save_checkpoint, _schedule
+from sweeps.worker import TRAINER_STATE, _restore, _save_checkpoint, _schedule, make_adamw
 from tests.conftest import VOCAB, tiny_llama
 
 
@@ -15,7 +15,7 @@ def _trial(lr: float, weight_decay: float, total: int = 10):
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _adamw(params, lr, weight_decay)  # fused, as the worker's
+    optimizer = make_adamw(params, lr, weight_decay)  # fused, as the worker's
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule("linear", 0.0, total))
     return model, optimizer, scheduler
 
