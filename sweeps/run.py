@@ -167,9 +167,10 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         storage_path, data_dir = saved["storage_path"], saved["data_dir"]
     # The worker pools warm up (controller, workers, imports) while MLflow and the data are prepared.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    count = _pool_count(spec)
     board = TrialBoard.options(scheduling_strategy=here).remote(
-        pools=_pool_count(spec), max_resumes=spec.resources.worker_max_failures)
-    pools = WorkerPools(spec, board, count=_pool_count(spec), storage_path=storage_path, data_dir=data_dir,
+        pools=count, max_resumes=spec.resources.worker_max_failures)
+    pools = WorkerPools(spec, board, count=count, storage_path=storage_path, data_dir=data_dir,
                         tracking_uri=tracking_uri)
     pools.start()
     try:

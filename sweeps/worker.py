@@ -17,6 +17,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,8 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
             logger.log_metrics(metrics, step=done)
         clock.losses.clear()
         due = spec.train.checkpoint_every_eval or done == total_steps
-        save = (lambda folder, m=dict(metrics), s=done: _save_checkpoint(folder, model, optimizer, s, m, trial.meta)) \
-            if due and rank == 0 else None
+        save = partial(_save_checkpoint, model=model, optimizer=optimizer, step=done, metrics=dict(metrics),
+                       meta=trial.meta) if due and rank == 0 else None
         if not report(metrics, save):
             break  # Tune stopped the trial (ASHA, PBT) or it was superseded
     if logger:
