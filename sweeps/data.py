@@ -444,10 +444,14 @@ class _ExactShardSampler(Sampler[int]):
     For evaluation: DistributedSampler repeats rows to even out ranks, which would count
     them twice in the global eval figures. Ranks may get one batch fewer than others, which
     is safe because :func:`sweeps.evaluate.evaluate` only communicates after its loop.
+
+    With ``lengths``, rows go longest first, so each batch pads to about its own rows' length
+    (on the packaged Q/A data, 64 eval rows in batches of 4: 3,592 tokens instead of 4,704).
     """
 
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
+    def __init__(self, length: int, rank: int, world_size: int, lengths: Sequence[int] | None = None) -> None:
+        order = sorted(range(length), key=lambda i: -lengths[i]) if lengths is not None else range(length)
+        self.indices = list(order)[rank::world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -470,13 +474,15 @@ def make_loader(
     world_size: int = 1,
     drop_last: bool = False,
     exact_shards: bool = False,
+    by_length: bool = False,
 ) -> DataLoader:
     """A DataLoader over this rank's shard, padded per batch by :func:`collate`.
 
     By default the shard comes from ``DistributedSampler(seed=seed)``, which gives every rank
     the same number of batches (needed for DDP training); call ``loader.sampler.set_epoch(e)``
     each epoch to reshuffle. ``exact_shards=True`` (eval only, ``shuffle`` must be False) splits
-    rows without repeating any, so all-reduced eval metrics count each row exactly once.
+    rows without repeating any, so all-reduced eval metrics count each row exactly once;
+    ``by_length=True`` with it orders the rows longest first (sums over rows do not depend on order).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
@@ -485,8 +491,11 @@ def make_loader(
     if exact_shards:
         if shuffle or drop_last:
             raise ValueError("exact_shards=True is for evaluation: shuffle and drop_last must be False")
-        sampler: Sampler[int] = _ExactShardSampler(len(dataset), rank, world_size)
+        lengths = [len(ids) for ids in dataset["input_ids"]] if by_length else None
+        sampler: Sampler[int] = _ExactShardSampler(len(dataset), rank, world_size, lengths)
     else:
+        if by_length:
+            raise ValueError("by_length=True needs exact_shards=True (training batches stay shuffled)")
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
@@ -497,6 +506,22 @@ def make_loader(
         drop_last=drop_last,
         collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
     )
+
+
+def make_eval_loader(splits: DatasetSplits, spec: Any, *, rank: int = 0, world_size: int = 1,
+                     all_rows: bool = False) -> DataLoader:
+    """The held-out loader of a sweep (trials and the registry gate alike): exact shards, longest
+    rows first, ``train.eval_batch_size`` (or ``batch_size``) rows a batch. With
+    ``train.eval_batches`` only the rows those batches hold, taken in split order, are sorted:
+    sorting the whole split first would make a partial eval the longest rows, not a sample.
+    ``all_rows=True`` (the registry gate) ignores ``eval_batches``."""
+    batch_size = spec.train.eval_batch_size or spec.train.batch_size
+    rows = splits.eval
+    if spec.train.eval_batches is not None and not all_rows:
+        rows = rows.select(range(min(len(rows), spec.train.eval_batches * batch_size * world_size)))
+    return make_loader(rows, batch_size, shuffle=False,
+                       seed=spec.search.seed, pad_token_id=splits.pad_token_id, rank=rank, world_size=world_size,
+                       exact_shards=True, by_length=True)
 
 
 # ------------------------------------------------------------------------ prepared once per sweep

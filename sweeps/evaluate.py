@@ -6,8 +6,9 @@ code with the same weighting:
 * ``causal_lm``: ``eval_loss`` is the mean cross-entropy over *all label tokens* of the eval
   set (sum of per-token losses / number of tokens), not a mean of per-batch means, which would
   over-weight short batches and depend on the batch size; ``perplexity = exp(eval_loss)``.
-  The loss is computed here from the logits (shifted by one position), never taken from the
-  model's own ``loss``, so every model (HF, PEFT wrapper, test fake) is weighted identically.
+  The loss is computed here (shifted by one position), never taken from the model's own
+  ``loss``, so every model (HF, PEFT wrapper, test fake) is weighted identically; where the
+  model allows it, only the label positions go through the output head (:mod:`sweeps.loss`).
 * ``seq_cls``: ``eval_loss`` (mean over examples), ``accuracy`` and macro ``f1`` (the
   unweighted mean of per-class F1 over the classes that occur in the labels or the
   predictions, as scikit-learn's ``average="macro"``), from one accumulated confusion matrix.
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .loss import IGNORE_INDEX, label_token_plan
+
 TASKS = ("causal_lm", "seq_cls")
 
 
@@ -51,6 +53,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     confusion: torch.Tensor | None = None  # [true, predicted], seq_cls only
+    plan = label_token_plan(inner) if task == "causal_lm" else None
     try:
         with torch.no_grad():
             for step, batch in enumerate(loader):
@@ -60,10 +63,13 @@ def evaluate(
                 if "labels" not in batch:
                     raise ValueError(f"evaluate needs a 'labels' column in each batch; got {sorted(batch)}")
                 labels = batch.pop("labels")
-                logits = _logits(inner(**batch))
-                if task == "causal_lm":
-                    s, n = _causal_sums(logits, labels)
+                if plan is not None and set(batch) <= {"input_ids", "attention_mask"}:
+                    s, n = plan.sums(batch["input_ids"], batch.get("attention_mask"), labels)
+                    s, n = s.double(), n.double()
+                elif task == "causal_lm":
+                    s, n = _causal_sums(_logits(inner(**batch)), labels)
                 else:
+                    logits = _logits(inner(**batch))
                     s, n, pairs = _cls_sums(logits, labels)
                     confusion = _add_pairs(confusion, pairs, logits.shape[-1], device)
                 loss_sum += s

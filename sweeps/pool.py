@@ -6,7 +6,8 @@ starts one pool per concurrent trial: a ``TorchTrainer`` (``ScalingConfig`` from
 DDP over gloo or NCCL, ``FailureConfig`` restarts of lost workers) whose
 :func:`pool_loop_per_worker` takes trial jobs from the :class:`~sweeps.board.TrialBoard`
 until the sweep is over. Each job loads the base from the model cache (memory-mapped), applies
-its adapter and trains (:mod:`sweeps.worker`); nothing of a job outlives it in the worker.
+its adapter and trains (:mod:`sweeps.worker`); nothing of a job outlives it in the worker. The
+base for the first job is loaded as soon as the pool starts, while the first trial starts.
 
 A pool whose Train run fails (a lost node, a crashed worker) gives its unfinished job back to
 the board, which hands it to the next free pool to resume from its latest Tune checkpoint (up
@@ -132,6 +133,7 @@ def pool_loop_per_worker(config: dict[str, Any]) -> None:
     splits = None  # tokenized once by the driver while the pools start; memory-mapped at the first job
     if rank == 0:
         ray.get(board.started.remote(pool_id))
+    warm = _warm_base(spec, device)
     while True:
         job = ray.get(board.take.remote(pool_id, TAKE_TIMEOUT_S)) if rank == 0 else None
         job = _broadcast(job, world)
@@ -141,19 +143,32 @@ def pool_loop_per_worker(config: dict[str, Any]) -> None:
             return
         if splits is None:
             splits = load_splits(config["data_dir"])
-        _run_job(job, spec, splits, config, board, pool_id, rank, world, device)
+        _run_job(job, spec, splits, config, board, pool_id, rank, world, device, warm)
+        warm = None  # taken by the job, or not the base it needed: each later job loads its own
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
+def _warm_base(spec: Any, device: Any) -> Any:
+    """The pool's first base, loaded while the sweep's first trial starts (None if that fails:
+    the job then loads its own, and reports the error where it belongs)."""
+    from .worker import warm_base
+
+    try:
+        return warm_base(spec, device)
+    except Exception as exc:
+        logger.warning("pre-loading the base failed; the first job loads its own: %s", _last_line(exc))
+        return None
+
+
 def _run_job(job: dict[str, Any], spec: Any, splits: Any, config: dict[str, Any], board: Any, pool_id: str,
-             rank: int, world: int, device: Any) -> None:
+             rank: int, world: int, device: Any, warm: Any = None) -> None:
     from .worker import prepare_trial, train_trial
 
     key = job["key"]
     try:
-        trial, error = prepare_trial(job, spec, splits, rank, world, device), None
+        trial, error = prepare_trial(job, spec, splits, rank, world, device, warm), None
     except Exception as exc:  # before any collective call: every rank can agree to skip the job
         trial, error = None, exc
     failed_rank = _first_failed_rank(error is not None, rank, world)

@@ -109,13 +109,10 @@ def _load_registered(name: str, version: str) -> tuple[Any, Any]:
 
 def evaluate_adapter(spec: Any, model: Any, tokenizer: Any) -> dict[str, float]:
     """Score a base + adapter on this sweep's held-out split with the trials' own evaluation."""
-    from .data import build_for_spec, make_loader
+    from .data import build_for_spec, make_eval_loader
     from .evaluate import evaluate
 
-    splits = build_for_spec(spec, tokenizer)
-    loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
-                         pad_token_id=splits.pad_token_id)
-    return evaluate(model, loader, task=spec.base.task)
+    return evaluate(model, make_eval_loader(build_for_spec(spec, tokenizer), spec, all_rows=True), task=spec.base.task)
 
 
 def _record(client: Any, tracker: Any, context: Any, outcome: GateOutcome) -> None:

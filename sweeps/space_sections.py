@@ -99,6 +99,7 @@ class TrainSpec(StrictModel):
     batch_size: int = Field(4, ge=1, description="an integer >= 1 (per worker)")
     grad_accum: int = Field(1, ge=1, description="an integer >= 1")
     eval_every: int = Field(10, ge=1, description="an integer >= 1 (optimizer steps between evals)")
+    eval_batch_size: int | None = Field(None, ge=1, description="an integer >= 1 (per worker) or null (batch_size)")
     eval_batches: int | None = Field(None, ge=1, description="an integer >= 1 or null (whole eval set)")
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="a number in [0, 1)")

@@ -67,30 +67,66 @@ class Trial:
     load_s: float
 
 
-def prepare_trial(job: dict[str, Any], spec: Any, splits: Any, rank: int, world: int, device: torch.device) -> Trial:
-    """Load the base from the model cache onto ``device``, apply the trial's adapter and restore
-    its checkpoint. Raises for a bad trial (say, targets the model lacks) on every rank alike."""
-    from peft_engine import get_method, get_peft_model
+@dataclass
+class WarmBase:
+    """A base loaded before the pool's first job arrives, so that load overlaps the start of the
+    sweep's first trial; the RNG state after the load keeps the job's adapter init the same."""
+
+    quantization: str
+    model: Any
+    rng_state: torch.Tensor
+
+    def take(self, quantization: str) -> Any:
+        """The model if it has ``quantization`` (with the RNG as a fresh load leaves it), else None;
+        either way it is let go here, so that two bases never share the device."""
+        model, self.model = self.model, None
+        if model is None or quantization != self.quantization:
+            return None
+        torch.set_rng_state(self.rng_state)
+        return model
+
+
+def load_trial_base(spec: Any, quantization: str, device: torch.device) -> Any:
+    """The sweep's base from the model cache, seeded so that a new head is the same on every run."""
     from peft_engine.bases import load_base
+
+    torch.manual_seed(spec.search.seed)
+    model, _ = load_base(
+        spec.base.model, task=spec.base.task, dtype=spec.base.dtype, device=device,
+        quantization=quantization, trust_remote_code=spec.base.trust_remote_code,
+        num_labels=spec.base.num_labels,
+    )
+    return model
+
+
+def warm_base(spec: Any, device: torch.device) -> WarmBase:
+    """Load the base for the space's first quantization candidate (what a first trial most likely uses)."""
+    quantization = spec.space.axes["quantization"].candidates()[0]
+    model = load_trial_base(spec, quantization, device)
+    return WarmBase(quantization, model, torch.get_rng_state())
+
+
+def prepare_trial(job: dict[str, Any], spec: Any, splits: Any, rank: int, world: int, device: torch.device,
+                  warm: WarmBase | None = None) -> Trial:
+    """Load the base from the model cache onto ``device`` (or take ``warm`` when it fits), apply the
+    trial's adapter and restore its checkpoint. Raises for a bad trial (say, targets the model
+    lacks) on every rank alike."""
+    from peft_engine import get_method, get_peft_model
     from peft_engine.targets import resolve_target_preset
 
-    from .data import make_loader
+    from .data import make_eval_loader, make_loader
 
     params = job["params"]
     load_started = time.perf_counter()
     pad = splits.pad_token_id
     train_loader = make_loader(splits.train, spec.train.batch_size, shuffle=True, seed=spec.search.seed,
                                pad_token_id=pad, rank=rank, world_size=world, drop_last=True)
-    eval_loader = make_loader(splits.eval, spec.train.batch_size, shuffle=False, seed=spec.search.seed,
-                              pad_token_id=pad, rank=rank, world_size=world, exact_shards=True)
+    eval_loader = make_eval_loader(splits, spec, rank=rank, world_size=world)
     total_steps = _total_steps(spec.train, len(train_loader))
 
-    torch.manual_seed(spec.search.seed)  # the same base head and adapter init wherever the job runs
-    model, _ = load_base(
-        spec.base.model, task=spec.base.task, dtype=spec.base.dtype, device=device,
-        quantization=params.quantization, trust_remote_code=spec.base.trust_remote_code,
-        num_labels=spec.base.num_labels,
-    )
+    model = warm.take(params.quantization) if warm is not None else None
+    if model is None:
+        model = load_trial_base(spec, params.quantization, device)
     method = get_method(params.method)
     platform = {"task_type": "CAUSAL_LM" if spec.base.task == "causal_lm" else "SEQ_CLS"}
     if method.uses_targets:
@@ -124,10 +160,12 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
     import ray.train.torch
 
     from .evaluate import evaluate
+    from .loss import CausalLMLoss
     from .tracking import TrialLogger
 
     model, optimizer, scheduler = trial.model, trial.optimizer, trial.scheduler
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    loss_module = CausalLMLoss(model) if spec.base.task == "causal_lm" else _OwnLoss(model)
+    ddp_loss = ray.train.torch.prepare_model(loss_module, move_to_device=False) if world > 1 else loss_module
     # AdaLoRA reallocates ranks from the gradients: after backward, before they are zeroed.
     update_and_allocate = getattr(model.base_model, "update_and_allocate", None)
     logger = TrialLogger(tracking_uri, trial.job["run_id"]) if rank == 0 else None
@@ -143,12 +181,12 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
     clock = StepClock()
     batches = _cycle(trial.train_loader, start_epoch=start_step // max(len(trial.train_loader), 1))
     for step in range(start_step, total_steps):
-        ddp_model.train()
+        ddp_loss.train()
         started = time.perf_counter()
         loss_value = 0.0
         for _ in range(spec.train.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = ddp_model(**batch).loss / spec.train.grad_accum  # AdaLoRA adds its orthogonality term
+            loss = ddp_loss(**batch) / spec.train.grad_accum
             loss.backward()
             loss_value += float(loss.detach())
             clock.tokens += int(batch["attention_mask"].sum())
@@ -166,7 +204,7 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
         if done % spec.train.eval_every and done != total_steps:
             continue
         started = time.perf_counter()
-        metrics = evaluate(ddp_model, trial.eval_loader, task=spec.base.task, max_batches=spec.train.eval_batches)
+        metrics = evaluate(model, trial.eval_loader, task=spec.base.task, max_batches=spec.train.eval_batches)
         clock.eval_s += time.perf_counter() - started
         metrics.update(_train_metrics(clock, done, world, device, trial.trainable, len(trial.train_loader)))
         if logger:
@@ -179,6 +217,17 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
             break  # Tune stopped the trial (ASHA, PBT) or it was superseded
     if logger:
         logger.close()
+
+
+class _OwnLoss(torch.nn.Module):
+    """The model's own ``.loss`` as a module's output, like :class:`sweeps.loss.CausalLMLoss`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.model(**batch).loss  # AdaLoRA's forward adds its orthogonality term
 
 
 def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:

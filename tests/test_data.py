@@ -410,3 +410,29 @@ def test_smollm2_tokenizer_builds_the_chatterbot_sft_set_quickly():
     # pad == eos for SmolLM2: padding is still told apart by attention_mask
     batch = collate([splits.eval[0], splits.eval[1], splits.eval[2]], splits.pad_token_id)
     assert ((batch["labels"] != IGNORE_INDEX) <= (batch["attention_mask"] == 1)).all()
+
+
+def test_eval_loader_goes_longest_first_within_the_rows_a_partial_eval_samples():
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    lengths = [3, 7, 2, 9, 5, 4, 8, 6]  # row i has tokens i+1 repeated: its first id names it
+    rows = Dataset.from_list([{"input_ids": [i + 1] * n, "attention_mask": [1] * n, "labels": [i + 1] * n}
+                              for i, n in enumerate(lengths)])
+    rows.set_format("torch")
+    splits = sd.DatasetSplits(train=rows, eval=rows, pad_token_id=0)
+
+    def firsts(loader):
+        return [[int(x) for x in b["input_ids"][:, 0]] for b in loader]
+
+    def spec(eval_batches):
+        train = SimpleNamespace(batch_size=2, eval_batch_size=None, eval_batches=eval_batches)
+        return SimpleNamespace(train=train, search=SimpleNamespace(seed=0))
+
+    assert firsts(sd.make_eval_loader(splits, spec(None))) == [[4, 7], [2, 8], [5, 6], [1, 3]]
+    # two batches sample the first four rows of the split (lengths 3, 7, 2, 9), then sort them
+    assert firsts(sd.make_eval_loader(splits, spec(2))) == [[4, 2], [1, 3]]
+    assert len(firsts(sd.make_eval_loader(splits, spec(2), all_rows=True))) == 4
+    shards = [firsts(sd.make_eval_loader(splits, spec(1), rank=r, world_size=2)) for r in (0, 1)]
+    assert shards == [[[4, 1]], [[2, 3]]]  # 1 batch x 2 rows x 2 ranks: rows 1-4, longest first, strided

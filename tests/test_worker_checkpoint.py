@@ -49,3 +49,26 @@ def test_restore_continues_the_adapter_and_moments_with_this_trials_hyperparamet
 def test_no_checkpoint_starts_at_step_zero():
     model, optimizer, scheduler = _trial(lr=1e-3, weight_decay=0.0)
     assert _restore(None, model, optimizer, scheduler, weight_decay=0.0) == (0, None)
+
+
+def test_a_warm_base_starts_the_job_as_its_own_load_would():
+    """The pool's pre-loaded base: same weights and the same RNG state (so the same adapter init)."""
+    from pathlib import Path
+
+    from sweeps.space import load_space
+    from sweeps.worker import load_trial_base, warm_base
+
+    spec = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml")
+    cpu = torch.device("cpu")
+    warm = warm_base(spec, cpu)
+    torch.manual_seed(123)  # whatever ran in between, taking the base restores the RNG a load leaves
+    model = warm.take("none")
+    after_warm = torch.rand(4)
+    fresh = load_trial_base(spec, "none", cpu)
+    after_load = torch.rand(4)
+    torch.testing.assert_close(after_warm, after_load, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert warm.take("none") is None, "a warm base is handed out once"
+    other = warm_base(spec, cpu)
+    assert other.take("nf4") is None and other.model is None, "a base of another quantization is let go"

@@ -349,8 +349,9 @@ class BaseTuner(nn.Module):
 
     def _mark_trainable(self) -> None:
         """Freeze the base; adapter tensors of active adapters train, and biases per ``config.bias``."""
+        attrs = self._adapter_attrs()  # once: a walk over every module per parameter is quadratic
         for name, param in self.model.named_parameters():
-            if not self._is_adapter_param(name):
+            if not self._is_adapter_param(name, attrs):
                 param.requires_grad_(False)
         for name in self.active_adapters:
             config = self.peft_config.get(name)
@@ -367,8 +368,8 @@ class BaseTuner(nn.Module):
                     if b is not None:
                         b.requires_grad_(True)
 
-    def _is_adapter_param(self, name: str) -> bool:
-        return any(f".{attr}." in f".{name}" for attr in self._adapter_attrs()) or ".modules_to_save." in name
+    def _is_adapter_param(self, name: str, attrs: set[str]) -> bool:
+        return any(f".{attr}." in f".{name}" for attr in attrs) or ".modules_to_save." in name
 
     def _adapter_attrs(self) -> set[str]:
         return {attr for layer in self.adapter_layers() for attr in layer.adapter_layer_names}
