@@ -1,6 +1,6 @@
 """Run every benchmark (`make bench`) and print one combined summary.
 
-    .venv/bin/python -m benchmarks.run_all                  # engine, bases, sweep (about 20 min on 2 cores)
+    .venv/bin/python -m benchmarks.run_all                  # engine, layers, bases, sweep (about 25 min on 2 cores)
     .venv/bin/python -m benchmarks.run_all --quick          # tiny models only: checks every script runs
     .venv/bin/python -m benchmarks.run_all --only engine,sweep
 
@@ -20,11 +20,17 @@ from typing import Any
 
 from .common import mark
 
-BENCHMARKS = ("engine", "bases", "sweep")
+BENCHMARKS = ("engine", "layers", "bases", "sweep")
 
 
 def _engine_summary(payload: dict[str, Any]) -> list[str]:
     from .engine import summary_lines
+
+    return summary_lines(payload)
+
+
+def _layers_summary(payload: dict[str, Any]) -> list[str]:
+    from .layers import summary_lines
 
     return summary_lines(payload)
 
@@ -49,7 +55,7 @@ def _generic_summary(name: str) -> Callable[[dict[str, Any]], list[str]]:
 
 
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "engine": _engine_summary, "sweep": _sweep_summary, "bases": _generic_summary("bases")}
+    "engine": _engine_summary, "layers": _layers_summary, "sweep": _sweep_summary, "bases": _generic_summary("bases")}
 
 
 def main(argv: list[str] | None = None) -> int:
