@@ -310,6 +310,9 @@ GATE_CASES = [  # candidate, champion, rules, metrics that regress
     ({"eval_loss": 1.005}, {"eval_loss": 1.0}, {"eval_loss": 0.01}, []),  # within the slack
     ({"eval_loss": 1.01}, {"eval_loss": 1.0}, {"eval_loss": 0.01}, []),  # exactly the slack (1.01 - 1.0 > 0.01 in floats)
     ({"eval_loss": 1.02}, {"eval_loss": 1.0}, {"eval_loss": 0.01}, ["eval_loss"]),
+    ({"eval_loss": 2.1531 + 1.02e-7}, {"eval_loss": 2.1531}, {"eval_loss": 0.0}, []),  # a rerun's rounding: a tie
+    ({"eval_loss": 2.1531 + 1e-4}, {"eval_loss": 2.1531}, {"eval_loss": 0.0}, ["eval_loss"]),
+    ({"accuracy": 0.85 - 1e-4}, {"accuracy": 0.85}, {"accuracy": 0.0}, ["accuracy"]),
     ({"eval_loss": 0.5}, {"eval_loss": 1.0}, {"eval_loss": 0.0}, []),  # lower is better
     ({"accuracy": 0.80}, {"accuracy": 0.85}, {"accuracy": 0.01}, ["accuracy"]),  # higher is better
     ({"accuracy": 0.90}, {"accuracy": 0.85}, {"accuracy": 0.0}, []),

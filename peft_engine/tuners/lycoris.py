@@ -164,12 +164,16 @@ class LycorisLayer(MethodLayer):
             p = self.module_dropout[name]
             if p and torch.rand(1) <= p:
                 continue
-            delta = self.dense_delta(name)
-            drop = self.row_drop(name, delta.shape[0], delta)
-            if drop is not None:
-                delta = delta * drop[:, None]
-            weight = weight + delta.to(weight.dtype)
+            weight = self.add_delta(name, weight)
         return F.linear(x.to(weight.dtype), weight, base.bias)
+
+    def add_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + delta`` for training through the summed weight, rank dropout applied."""
+        delta = self.dense_delta(adapter_name)
+        drop = self.row_drop(adapter_name, delta.shape[0], delta)
+        if drop is not None:
+            delta = delta * drop[:, None]
+        return weight + delta.to(weight.dtype)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         p = self.module_dropout[adapter_name]

@@ -69,6 +69,13 @@ class LoHaLayer(LycorisLayer):
             delta = delta.reshape(self.get_base_layer().weight.shape)
         return delta
 
+    def add_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        factors = self._factors(adapter_name)
+        if (self.rank_dropout[adapter_name] or adapter_name in self.hada_t1
+                or any(f.dtype != weight.dtype for f in factors)):
+            return super().add_delta(adapter_name, weight)
+        return HadamardSum.apply(weight, *factors, self.scaling[adapter_name])
+
     def khatri_rao(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(Ka, Kb) with ``(W1a W1b) ⊙ (W2a W2b) == Ka @ Kb``; shapes (out, r²) and (r², in)."""
         w1a, w1b, w2a, w2b = self._factors(adapter_name)
@@ -88,6 +95,32 @@ class LoHaLayer(LycorisLayer):
         drop = self.row_drop(adapter_name, n_out, update)
         update = update.view(*x.shape[:-1], n_out)
         return update if drop is None else update * drop
+
+
+class HadamardSum(torch.autograd.Function):
+    """``W + s (W1a W1b) ⊙ (W2a W2b)`` as one node, for training through the summed weight.
+
+    Why: autograd would run the product, the scaling and the sum as three passes over an
+    (out x in) matrix, and three more backward; here the forward is one ``addcmul`` and the
+    backward two (the gradient times each product; the scale goes on the rank-r results),
+    reusing the two products saved from the forward. ``W`` (the frozen base, or the sum so far with other
+    adapters) gets the gradient unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                w2b: torch.Tensor, scale: float) -> torch.Tensor:
+        p1, p2 = w1a @ w1b, w2a @ w2b
+        ctx.save_for_backward(w1a, w1b, w2a, w2b, p1, p2)
+        ctx.scale = scale
+        return torch.addcmul(weight, p1, p2, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w1a, w1b, w2a, w2b, p1, p2 = ctx.saved_tensors
+        g1, g2, s = grad * p2, grad * p1, ctx.scale  # d(loss)/d(W1a W1b) and d(loss)/d(W2a W2b), over s
+        return (grad if ctx.needs_input_grad[0] else None,
+                (g1 @ w1b.T).mul_(s), (w1a.T @ g1).mul_(s), (g2 @ w2b.T).mul_(s), (w2a.T @ g2).mul_(s), None)
 
 
 def create_loha_layer(target: nn.Module, adapter_name: str, config: LoHaConfig, module_name: str) -> LoHaLayer | None:
