@@ -133,7 +133,7 @@ def pool_loop_per_worker(config: dict[str, Any]) -> None:
     splits = None  # tokenized once by the driver while the pools start; memory-mapped at the first job
     if rank == 0:
         ray.get(board.started.remote(pool_id))
-    warm = _warm_base(spec, device)
+    warm = _warm_up(spec, device, config["tracking_uri"] if rank == 0 else None)
     while True:
         job = ray.get(board.take.remote(pool_id, TAKE_TIMEOUT_S)) if rank == 0 else None
         job = _broadcast(job, world)
@@ -150,16 +150,24 @@ def pool_loop_per_worker(config: dict[str, Any]) -> None:
             torch.cuda.empty_cache()
 
 
-def _warm_base(spec: Any, device: Any) -> Any:
-    """The pool's first base, loaded while the sweep's first trial starts (None if that fails:
-    the job then loads its own, and reports the error where it belongs)."""
+def _warm_up(spec: Any, device: Any, tracking_uri: str | None) -> Any:
+    """While the sweep's first trial starts: load the pool's first base and open the tracking
+    store (rank 0 logs). Returns the base, or None if loading failed: the job then loads its
+    own and reports the error where it belongs."""
+    from .tracking import warm_tracking_store
     from .worker import warm_base
 
     try:
-        return warm_base(spec, device)
+        warm = warm_base(spec, device)
     except Exception as exc:
         logger.warning("pre-loading the base failed; the first job loads its own: %s", _last_line(exc))
-        return None
+        warm = None
+    if tracking_uri is not None:
+        try:
+            warm_tracking_store(tracking_uri)
+        except Exception as exc:  # the trial's own logging will say what is wrong
+            logger.warning("opening the MLflow tracking store early failed: %s", _last_line(exc))
+    return warm
 
 
 def _run_job(job: dict[str, Any], spec: Any, splits: Any, config: dict[str, Any], board: Any, pool_id: str,

@@ -121,6 +121,12 @@ class TrialLogger:
         """Nothing buffered: log_batch is synchronous."""
 
 
+def warm_tracking_store(tracking_uri: str) -> None:
+    """Import MLflow and open the tracking store once (a SQLite engine, an HTTP session), so a
+    worker's first metric of its first trial does not wait for either (~3.5 s on 2 cores)."""
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # drop NaN
 
