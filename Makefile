@@ -14,7 +14,7 @@ export PEFT_SWEEPS_CACHE ?= $(CURDIR)/.cache/models
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast test-slow lint bench sweep smoke stop status clean
+.PHONY: setup test test-fast test-slow gpu-check lint bench sweep smoke stop status clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ test-fast: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: bitsandbytes int8/NF4 layers on the GPU and a QLoRA sweep whose
+# Ray Train workers hold a GPU each (NCCL); these tests skip where torch sees no GPU.
+gpu-check: setup
+	$(BIN)/python -m pytest -rs tests/test_cuda.py tests/integration/test_cuda_sweep.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check peft_engine sweeps tests benchmarks
