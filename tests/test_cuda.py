@@ -21,6 +21,7 @@ from tests.test_quantization import (  # noqa: E402
     BNB_TYPE,
     MERGE_OUTPUT_TOL,
     TARGETS,
+    _adamw_losses,
     _base_bytes,
     _logits,
     _lora,
@@ -60,16 +61,8 @@ def test_quantized_adapter_trains_and_merges_on_the_gpu(mode: str, dora: bool, c
     base = _logits(model, batch)
     peft_model = _lora(model, dora)
     frozen = _base_bytes(peft_model)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     torch.cuda.reset_peak_memory_stats()
-    peft_model.train()
-    losses = []
-    for _ in range(5):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _adamw_losses(peft_model, batch)
     assert losses[-1] < losses[0] - 0.2, losses
     assert torch.cuda.max_memory_allocated() > 0
     for name, data in _base_bytes(peft_model).items():

@@ -149,21 +149,27 @@ def test_forward_backward_on_quantized_base(mode: str, dora: bool, cache_dir: st
         assert data.dtype in (torch.int8, torch.uint8) and torch.equal(data, before[name]), name
 
 
+def _adamw_losses(peft_model: PeftModel, batch: torch.Tensor, steps: int = 5) -> list[float]:
+    """Train the adapter for ``steps`` AdamW steps (lr 1e-2) on one batch; the loss before each step."""
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    losses = []
+    for _ in range(steps):
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("mode", MODES)
 def test_adamw_steps_reduce_training_loss(mode: str, dora: bool, cache_dir: str, batch: torch.Tensor) -> None:
     torch.manual_seed(0)
     peft_model = _lora(_load(cache_dir, mode), dora)
     frozen = _base_bytes(peft_model)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(5):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _adamw_losses(peft_model, batch)
     with torch.no_grad():
         final = peft_model(input_ids=batch, labels=batch).loss.item()
     assert final < losses[0] - 0.2 and losses == sorted(losses, reverse=True), (losses, final)
