@@ -3,7 +3,7 @@
 Chat SFT puts the loss on the response tokens (under 30% of the packaged Q/A data's tokens),
 yet a model's own forward projects every position onto the vocabulary and takes a softmax over
 it. On SmolLM2 that head (576 x 49,152 per token, in the forward and again for the input
-gradient) is about a tenth of a frozen-base step. :class:`CausalLMLoss` runs the decoder body,
+gradient) is about a tenth of a frozen-base step. :class:`TrainingLoss` runs the decoder body,
 gathers the hidden states whose next token is a label, and applies the head and the
 cross-entropy to those rows alone: the same loss (the mean over label tokens, as the model's
 own ``.loss``) for about 15% less time per step on SmolLM2.
@@ -17,6 +17,7 @@ its own forward.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +55,19 @@ class LabelTokenPlan:
         return loss, keep.sum()
 
 
+_PLANS: weakref.WeakKeyDictionary[nn.Module, LabelTokenPlan | None] = weakref.WeakKeyDictionary()
+
+
 def label_token_plan(model: nn.Module) -> LabelTokenPlan | None:
     """The body/head split of ``model`` (a PeftModel or a transformers causal LM) when the
-    label-token loss equals the model's own on a probe input; None otherwise."""
+    label-token loss equals the model's own on a probe input; None otherwise. Probed once per
+    model: a trial's loss and each of its evals ask again and get the same answer."""
+    if model not in _PLANS:
+        _PLANS[model] = _probe_plan(model)
+    return _PLANS[model]
+
+
+def _probe_plan(model: nn.Module) -> LabelTokenPlan | None:
     if getattr(_first_config(model), "is_prompt_learning", False):
         return None  # virtual tokens are prepended by the wrapper's forward, not the body
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -71,15 +82,16 @@ def label_token_plan(model: nn.Module) -> LabelTokenPlan | None:
     return plan if _agrees(model, plan, base) else None
 
 
-class CausalLMLoss(nn.Module):
-    """``model``'s training loss as a module (so DistributedDataParallel can wrap it): the mean
-    cross-entropy over label tokens through :class:`LabelTokenPlan` where the model allows it,
-    else ``model(**batch).loss``. AdaLoRA's orthogonality term is added as its own forward does."""
+class TrainingLoss(nn.Module):
+    """``model``'s training loss as a module (so DistributedDataParallel can wrap it): with
+    ``label_tokens`` (causal LMs) the mean cross-entropy over label tokens through
+    :class:`LabelTokenPlan` where the model allows it, else ``model(**batch).loss``. AdaLoRA's
+    orthogonality term is added as its own forward does."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, label_tokens: bool = True) -> None:
         super().__init__()
         self.model = model
-        self.plan = label_token_plan(model)
+        self.plan = label_token_plan(model) if label_tokens else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:

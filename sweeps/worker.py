@@ -160,11 +160,11 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
     import ray.train.torch
 
     from .evaluate import evaluate
-    from .loss import CausalLMLoss
+    from .loss import TrainingLoss
     from .tracking import TrialLogger
 
     model, optimizer, scheduler = trial.model, trial.optimizer, trial.scheduler
-    loss_module = CausalLMLoss(model) if spec.base.task == "causal_lm" else _OwnLoss(model)
+    loss_module = TrainingLoss(model, label_tokens=spec.base.task == "causal_lm")
     ddp_loss = ray.train.torch.prepare_model(loss_module, move_to_device=False) if world > 1 else loss_module
     # AdaLoRA reallocates ranks from the gradients: after backward, before they are zeroed.
     update_and_allocate = getattr(model.base_model, "update_and_allocate", None)
@@ -217,17 +217,6 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
             break  # Tune stopped the trial (ASHA, PBT) or it was superseded
     if logger:
         logger.close()
-
-
-class _OwnLoss(torch.nn.Module):
-    """The model's own ``.loss`` as a module's output, like :class:`sweeps.loss.CausalLMLoss`."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return self.model(**batch).loss  # AdaLoRA's forward adds its orthogonality term
 
 
 def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:

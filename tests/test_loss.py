@@ -8,7 +8,7 @@ import torch
 import peft_engine as pe
 from sweeps.data import collate
 from sweeps.evaluate import _causal_sums, evaluate
-from sweeps.loss import CausalLMLoss, label_token_plan
+from sweeps.loss import TrainingLoss, label_token_plan
 from tests.conftest import _LLAMA_LIKE, VOCAB, _build, tiny_gpt2, tiny_llama
 
 
@@ -43,7 +43,7 @@ def test_label_token_loss_matches_the_models_own_loss_and_gradients(build, make_
     own.backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    loss_module = CausalLMLoss(model)
+    loss_module = TrainingLoss(model)
     assert loss_module.plan is not None, "the split should apply to a plain decoder with a linear head"
     torch.manual_seed(7)
     ours = loss_module(**batch)
@@ -57,7 +57,7 @@ def test_label_token_loss_matches_the_models_own_loss_and_gradients(build, make_
 
 def test_adalora_keeps_its_orthogonality_term_in_training_only():
     model = pe.get_peft_model(tiny_llama(), pe.AdaLoraConfig(init_r=4, target_r=2, total_step=10))
-    loss_module = CausalLMLoss(model)
+    loss_module = TrainingLoss(model)
     batch = sft_batch()
     model.train()
     torch.testing.assert_close(loss_module(**batch), model(**batch).loss)
@@ -71,7 +71,7 @@ def test_adalora_keeps_its_orthogonality_term_in_training_only():
 def test_prompt_learning_keeps_the_full_forward():
     model = pe.get_peft_model(tiny_llama(), pe.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     assert label_token_plan(model) is None
-    loss_module = CausalLMLoss(model)
+    loss_module = TrainingLoss(model)
     batch = sft_batch()
     torch.testing.assert_close(loss_module(**batch), model(**batch).loss)
 
