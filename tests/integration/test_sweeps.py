@@ -118,7 +118,9 @@ def test_pbt_clones_a_better_trial_checkpoint(cluster, tmp_path):
         "space.learning_rate": {"loguniform": [1.0e-5, 1.0e-1]},  # distinct rates: distinct scores
         "search.algorithm": "random", "search.num_samples": 2, "search.max_concurrent": 2,
         "search.scheduler": {"type": "pbt", "perturbation_interval": 1},
-        "train.max_steps": 24, "train.eval_every": 4,
+        # Long enough (~10 s of tiny steps) that both trials train side by side: PBT only compares
+        # running trials, and the second pool may start seconds after the first on a busy machine.
+        "train.max_steps": 480, "train.eval_every": 80,
     })
     result = run_cli(cluster, space)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -128,5 +130,5 @@ def test_pbt_clones_a_better_trial_checkpoint(cluster, tmp_path):
     _, children = runs_of(cluster, "itest-pbt")
     resumed = [c for c in children if "peft_sweeps.resumed_from_step" in c.data.tags]
     assert resumed, "the exploiting trial did not restart from the cloned checkpoint"
-    assert all(int(c.data.tags["peft_sweeps.resumed_from_step"]) % 4 == 0 for c in resumed)
+    assert all(int(c.data.tags["peft_sweeps.resumed_from_step"]) % 80 == 0 for c in resumed)
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
