@@ -227,7 +227,7 @@ def peer_child(config_path: Path) -> int:
         from ray import tune
         from transformers import Trainer, TrainingArguments
 
-        from peft_engine.bases import load_tokenizer, resolve_base
+        from peft_engine.base_specs import load_tokenizer, resolve_base
         from sweeps.data import build_datasets
 
         resolved = resolve_base(s.base)

@@ -2,56 +2,11 @@
 
 Public names follow HF PEFT (``LoraConfig``, ``get_peft_model``, ``PeftModel`` ...) so that
 code and adapter folders move between the two without change.
+
+Names load on first use (:mod:`._lazy`): configs and method names come without torch.
 """
 
-from .bases import BaseSpecError, base_weight_bytes, load_base
-from .cache import cache_info, cache_root, clear_cache
-from .config import PeftConfig, PeftType, TaskType
-from .methods import METHODS, MethodSpec, get_method, register_method
-from .model import (
-    MODEL_TYPE_TO_PEFT_MODEL,
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-    get_peft_model,
-    inject_adapter_in_model,
-    register_tuner,
-)
-from .quantization import create_quantized_lora_layer, prepare_model_for_kbit_training  # noqa: E402
-from .save_load import get_peft_model_state_dict, set_peft_model_state_dict
-from .tuners.adalora import AdaLoraConfig, AdaLoraModel
-from .tuners.boft import BOFTConfig, BOFTModel
-from .tuners.ia3 import IA3Config, IA3Model
-from .tuners.loha import LoHaConfig, LoHaModel
-from .tuners.lokr import LoKrConfig, LoKrModel
-from .tuners.lora import LoftQConfig, LoraConfig, LoraModel
-from .tuners.oft import OFTConfig, OFTModel
-from .tuners.prompts import (
-    AdaptionPromptConfig,
-    AdaptionPromptModel,
-    MultitaskPromptTuningConfig,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptLearningModel,
-    PromptTuningConfig,
-)
-from .tuners.vera import VeraConfig, VeraModel
-
-register_tuner(PeftType.LORA.value, LoraModel)
-LoraModel.layer_factories.append(create_quantized_lora_layer)
-for _prompt_type in (PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING, PeftType.P_TUNING, PeftType.MULTITASK_PROMPT_TUNING):
-    register_tuner(_prompt_type.value, PromptLearningModel)
-register_tuner(PeftType.ADAPTION_PROMPT.value, AdaptionPromptModel)
-for _peft_type, _tuner in ((PeftType.ADALORA, AdaLoraModel), (PeftType.BOFT, BOFTModel), (PeftType.IA3, IA3Model),
-                           (PeftType.LOHA, LoHaModel), (PeftType.LOKR, LoKrModel), (PeftType.OFT, OFTModel),
-                           (PeftType.VERA, VeraModel)):
-    register_tuner(_peft_type.value, _tuner)
-
-from .mixed import PeftMixedModel  # noqa: E402  (imports the tuners above)
+from ._lazy import lazy_exports
 
 __all__ = [
     "BaseSpecError",
@@ -106,3 +61,61 @@ __all__ = [
     "register_method",
     "set_peft_model_state_dict",
 ]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "AdaLoraConfig": ".tuners.adalora",
+        "AdaLoraModel": ".tuners.adalora",
+        "AdaptionPromptConfig": ".tuners.prompts",
+        "AdaptionPromptModel": ".tuners.prompts",
+        "BOFTConfig": ".tuners.boft",
+        "BOFTModel": ".tuners.boft",
+        "BaseSpecError": ".base_specs",
+        "IA3Config": ".tuners.ia3",
+        "IA3Model": ".tuners.ia3",
+        "LoHaConfig": ".tuners.loha",
+        "LoHaModel": ".tuners.loha",
+        "LoKrConfig": ".tuners.lokr",
+        "LoKrModel": ".tuners.lokr",
+        "LoftQConfig": ".tuners.lora",
+        "LoraConfig": ".tuners.lora",
+        "LoraModel": ".tuners.lora",
+        "METHODS": ".methods",
+        "MODEL_TYPE_TO_PEFT_MODEL": ".model",
+        "MethodSpec": ".methods",
+        "MultitaskPromptTuningConfig": ".tuners.prompts",
+        "OFTConfig": ".tuners.oft",
+        "OFTModel": ".tuners.oft",
+        "PeftConfig": ".config",
+        "PeftMixedModel": ".mixed",
+        "PeftModel": ".model",
+        "PeftModelForCausalLM": ".model",
+        "PeftModelForFeatureExtraction": ".model",
+        "PeftModelForQuestionAnswering": ".model",
+        "PeftModelForSeq2SeqLM": ".model",
+        "PeftModelForSequenceClassification": ".model",
+        "PeftModelForTokenClassification": ".model",
+        "PeftType": ".config",
+        "PrefixTuningConfig": ".tuners.prompts",
+        "PromptEncoderConfig": ".tuners.prompts",
+        "PromptLearningModel": ".tuners.prompts",
+        "PromptTuningConfig": ".tuners.prompts",
+        "TaskType": ".config",
+        "VeraConfig": ".tuners.vera",
+        "VeraModel": ".tuners.vera",
+        "base_weight_bytes": ".bases",
+        "cache_info": ".cache",
+        "cache_root": ".cache",
+        "clear_cache": ".cache",
+        "create_quantized_lora_layer": ".quantization",
+        "get_method": ".methods",
+        "get_peft_model": ".model",
+        "get_peft_model_state_dict": ".save_load",
+        "inject_adapter_in_model": ".model",
+        "load_base": ".bases",
+        "prepare_model_for_kbit_training": ".quantization",
+        "register_method": ".methods",
+        "register_tuner": ".model",
+        "set_peft_model_state_dict": ".save_load",
+    },
+)

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -95,6 +96,40 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: 
         what = "an integer" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}={value!r} is not allowed; allowed: {what} {bound}")
+
+
+def pattern_value(pattern: dict[str, Any] | None, module_name: str, default: Any) -> Any:
+    """HF PEFT's rule: the first key whose regex matches the end of the module name wins."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def check_float(name: str, value: Any, low: float, high: float, *, high_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is not allowed; allowed: a number in [{low}, {high}{bracket}")
+
+
+def check_bool(config: Any, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name}={getattr(config, name)!r} is not allowed; allowed: true, false")
+
+
+def normalise_targets(config: Any) -> None:
+    """Sets and tuples become sorted lists (what HF PEFT writes to JSON); strings stay regexes."""
+    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+        value = getattr(config, name, None)
+        if isinstance(value, (set, tuple)):
+            setattr(config, name, sorted(value))
+    if isinstance(getattr(config, "modules_to_save", None), str):
+        config.modules_to_save = [config.modules_to_save]
+    if getattr(config, "layers_pattern", None) is not None and getattr(config, "layers_to_transform", None) is None:
+        raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
 
 
 @dataclass

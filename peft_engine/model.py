@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig, TaskType
+from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
 from .save_load import get_peft_model_state_dict, load_adapter_file, save_adapter_file
 
-TUNERS: dict[str, type[nn.Module]] = {}
+TUNERS: dict[str, type[nn.Module]] = {}  # peft_type -> tuner class; the built-in ones are at the end
 
 
 def register_tuner(peft_type: str, tuner_cls: type[nn.Module]) -> None:
@@ -260,3 +260,27 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     tuner = TUNERS[peft_config.peft_type](model, peft_config, adapter_name)
     return tuner.model
 
+
+def _register_builtin_tuners() -> None:
+    from .tuners.adalora.model import AdaLoraModel
+    from .tuners.boft.model import BOFTModel
+    from .tuners.ia3.model import IA3Model
+    from .tuners.loha.model import LoHaModel
+    from .tuners.lokr.model import LoKrModel
+    from .tuners.lora.model import LoraModel
+    from .tuners.oft.model import OFTModel
+    from .tuners.prompts.adaption_prompt import AdaptionPromptModel
+    from .tuners.prompts.tuner import PromptLearningModel
+    from .tuners.vera.model import VeraModel
+
+    for peft_type, tuner in (
+        (PeftType.LORA, LoraModel), (PeftType.ADALORA, AdaLoraModel), (PeftType.BOFT, BOFTModel),
+        (PeftType.IA3, IA3Model), (PeftType.LOHA, LoHaModel), (PeftType.LOKR, LoKrModel), (PeftType.OFT, OFTModel),
+        (PeftType.VERA, VeraModel), (PeftType.ADAPTION_PROMPT, AdaptionPromptModel),
+        (PeftType.PROMPT_TUNING, PromptLearningModel), (PeftType.PREFIX_TUNING, PromptLearningModel),
+        (PeftType.P_TUNING, PromptLearningModel), (PeftType.MULTITASK_PROMPT_TUNING, PromptLearningModel),
+    ):
+        register_tuner(peft_type.value, tuner)
+
+
+_register_builtin_tuners()

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-try:  # transformers' GPT-2 style Conv1D (weights stored transposed)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from torch import nn
 
 ALL_LINEAR = "all-linear"
 TARGET_PRESETS = ("attention", "mlp", ALL_LINEAR)
@@ -70,8 +68,23 @@ TARGET_PRESET_MODULES: dict[str, dict[str, list[str]]] = {
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
+def __getattr__(name: str) -> Any:
+    """``Conv1D`` (transformers' GPT-2 style layer, weights stored transposed), imported on first
+    use: the names above are read by sweep validation, which must not pay for torch."""
+    if name == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@cache
 def linear_types() -> tuple[type, ...]:
-    return (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+    """The layer kinds "all-linear" and the linear adapters wrap: nn.Linear and Conv1D."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
 
 
 def match_target(name: str, targets: str | Iterable[str] | None) -> bool:
@@ -135,6 +148,8 @@ def all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]
 
 def candidate_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the modules an adapter could wrap, for error messages."""
+    from torch import nn
+
     wrappable = linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d)
     return sorted({name.split(".")[-1] for name, m in targetable_modules(model) if isinstance(m, wrappable)})
 

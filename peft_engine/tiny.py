@@ -21,11 +21,12 @@ import os
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import cache
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_SEED = 20240601
 # Bump when the recipe below changes, so caches built by an older recipe are not reused.
@@ -200,6 +201,8 @@ def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
     weights only change when names or shapes do. Matrices ~ N(0, 0.02); 1-D weights (norm
     scales) = 1 and biases = 0, which keeps activations well scaled like a trained model's.
     """
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2:
@@ -237,6 +240,8 @@ def build_tiny(name: str, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         tok = train_wordpiece_tokenizer(texts, recipe["vocab_size"])
         config = BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **recipe["config"])
         model_cls = BertModel
+    import torch
+
     # Construction draws from the global RNG; fork it so the caller's stream is unchanged.
     with torch.random.fork_rng(devices=[]):
         model = model_cls(config)

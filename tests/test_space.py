@@ -414,3 +414,24 @@ def test_missing_file_lists_the_neighbours(tmp_path):
     (tmp_path / "real.yaml").write_text("{}")
     with pytest.raises(SpaceError, match=r"no such file.*real\.yaml"):
         load_space(tmp_path / "typo.yaml")
+
+
+def test_validating_and_unpickling_a_space_does_not_import_torch():
+    """The driver validates the space before any Ray resource starts, and the actors that only
+    relay trials (the trial function, the job board, Ray Train's controller) unpickle it and
+    decode trial configs: none of that may pay seconds for torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pickle, sys\n"
+        "from sweeps.space import load_space\n"
+        "load_space('search_spaces/quickstart.yaml')\n"
+        "spec = pickle.loads(pickle.dumps(load_space('search_spaces/smoke.yaml')))\n"
+        "grid = spec.tune_search()[0]['params']['grid_search']\n"
+        "params = spec.trial_params({'params': grid[0]})\n"
+        "print(params.method, sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["lora", "[]"]

@@ -9,7 +9,6 @@ batch mixes adapters.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -91,41 +90,6 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear (bitsandbytes linears subclass it) or transformers' Conv1D."""
     return isinstance(module, (nn.Linear, Conv1D))
-
-
-# ---- patterns -------------------------------------------------------------------------------
-def pattern_value(pattern: dict[str, Any] | None, module_name: str, default: Any) -> Any:
-    """HF PEFT's rule: the first key whose regex matches the end of the module name wins."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
-
-
-def check_float(name: str, value: Any, low: float, high: float, *, high_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: a number in [{low}, {high}{bracket}")
-
-
-def check_bool(config: Any, *names: str) -> None:
-    for name in names:
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(f"{name}={getattr(config, name)!r} is not allowed; allowed: true, false")
-
-
-def normalise_targets(config: Any) -> None:
-    """Sets and tuples become sorted lists (what HF PEFT writes to JSON); strings stay regexes."""
-    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-        value = getattr(config, name, None)
-        if isinstance(value, (set, tuple)):
-            setattr(config, name, sorted(value))
-    if isinstance(getattr(config, "modules_to_save", None), str):
-        config.modules_to_save = [config.modules_to_save]
-    if getattr(config, "layers_pattern", None) is not None and getattr(config, "layers_to_transform", None) is None:
-        raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
 
 
 # ---- per-example adapters for layers that are not "base + delta" ------------------------------

@@ -1,4 +1,4 @@
-"""What LoHa and LoKr (the LyCORIS family) share: config fields, dropouts, conv plumbing.
+"""What LoHa and LoKr (the LyCORIS family) layers share: dropouts, conv plumbing (config: :mod:`.lycoris_config`).
 
 Both add ``scaling * delta(x)`` to the base output, with ``scaling = alpha / r``. Two
 training-time dropouts follow HF PEFT: ``module_dropout`` skips the whole adapter for a
@@ -10,63 +10,16 @@ convolutions the (small) dense kernel delta is built and convolved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, check_positive
-from .common import (
-    MethodLayer,
-    check_bool,
-    check_float,
-    in_out_features,
-    is_quantized,
-    normalise_targets,
-    pattern_value,
-)
+from .common import MethodLayer, in_out_features, is_quantized
 from .common import is_linear_like as _is_linear_like
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
-
-
-@dataclass
-class LycorisConfig(PeftConfig):
-    """Fields LoHa and LoKr share, with HF PEFT's names and defaults."""
-
-    r: int = 8
-    alpha: int | float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    init_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, int | float] = field(default_factory=dict)
-    modules_to_save: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("r", self.r, integer=True)
-        check_positive("alpha", self.alpha, allow_zero=True)
-        check_float("rank_dropout", self.rank_dropout, 0.0, 1.0)
-        check_float("module_dropout", self.module_dropout, 0.0, 1.0)
-        check_bool(self, "use_effective_conv2d", "inference_mode")
-        normalise_targets(self)
-        for name in ("rank_pattern", "alpha_pattern"):
-            pattern = getattr(self, name)
-            if not isinstance(pattern, dict):
-                raise ValueError(f"{name}={pattern!r} is not allowed; allowed: a mapping of module pattern -> value")
-            for key, value in pattern.items():
-                check_positive(f"{name}[{key!r}]", value, integer=name == "rank_pattern")
-
-    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
-        return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(self.alpha_pattern, module_name, self.alpha)
 
 
 class LycorisLayer(MethodLayer):

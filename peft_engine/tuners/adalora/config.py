@@ -6,8 +6,17 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import ANY_VALUE, PeftConfig, PeftType, check_choice, check_positive, register_config
-from ..common import check_bool, check_float, normalise_targets
+from ...config import (
+    ANY_VALUE,
+    PeftConfig,
+    PeftType,
+    check_bool,
+    check_choice,
+    check_float,
+    check_positive,
+    normalise_targets,
+    register_config,
+)
 
 # HF PEFT's defaults for target_modules=None (a subset of its table).
 ADALORA_TARGETS: dict[str, list[str]] = {

@@ -1,7 +1,19 @@
 """BOFT: orthogonal fine-tuning with butterfly-factorised rotations."""
 
-from .config import BOFTConfig
-from .layer import BOFTLayer, butterfly_perm
-from .model import BOFTModel
+from ..._lazy import lazy_exports
 
-__all__ = ["BOFTConfig", "BOFTLayer", "BOFTModel", "butterfly_perm"]
+__all__ = [
+    "BOFTConfig",
+    "BOFTLayer",
+    "BOFTModel",
+    "butterfly_perm",
+]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "BOFTConfig": ".config",
+        "BOFTLayer": ".layer",
+        "BOFTModel": ".model",
+        "butterfly_perm": ".layer",
+    },
+)

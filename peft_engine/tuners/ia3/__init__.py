@@ -1,7 +1,17 @@
 """(IA)³: learned rescaling vectors on attention outputs and feed-forward inputs."""
 
-from .config import IA3Config
-from .layer import IA3Layer
-from .model import IA3Model
+from ..._lazy import lazy_exports
 
-__all__ = ["IA3Config", "IA3Layer", "IA3Model"]
+__all__ = [
+    "IA3Config",
+    "IA3Layer",
+    "IA3Model",
+]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "IA3Config": ".config",
+        "IA3Layer": ".layer",
+        "IA3Model": ".model",
+    },
+)

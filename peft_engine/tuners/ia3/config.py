@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import PeftConfig, PeftType, register_config
-from ..common import check_bool, normalise_targets
+from ...config import PeftConfig, PeftType, check_bool, normalise_targets, register_config
 
 # HF PEFT's defaults for target_modules / feedforward_modules=None (a subset of its table).
 IA3_TARGETS: dict[str, list[str]] = {

@@ -1,7 +1,17 @@
 """LoHa: low-rank Hadamard-product updates (FedPara / LyCORIS)."""
 
-from .config import LoHaConfig
-from .layer import LoHaLayer
-from .model import LoHaModel
+from ..._lazy import lazy_exports
 
-__all__ = ["LoHaConfig", "LoHaLayer", "LoHaModel"]
+__all__ = [
+    "LoHaConfig",
+    "LoHaLayer",
+    "LoHaModel",
+]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "LoHaConfig": ".config",
+        "LoHaLayer": ".layer",
+        "LoHaModel": ".model",
+    },
+)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import PeftType, register_config
-from ..common import check_bool
-from ..lycoris import LycorisConfig
+from ...config import PeftType, check_bool, register_config
+from ..lycoris_config import LycorisConfig
 
 
 @register_config

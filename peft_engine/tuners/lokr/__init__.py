@@ -1,7 +1,19 @@
 """LoKr: low-rank Kronecker-product updates (LyCORIS)."""
 
-from .config import LoKrConfig
-from .layer import LoKrLayer, factorization
-from .model import LoKrModel
+from ..._lazy import lazy_exports
 
-__all__ = ["LoKrConfig", "LoKrLayer", "LoKrModel", "factorization"]
+__all__ = [
+    "LoKrConfig",
+    "LoKrLayer",
+    "LoKrModel",
+    "factorization",
+]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "LoKrConfig": ".config",
+        "LoKrLayer": ".layer",
+        "LoKrModel": ".model",
+        "factorization": ".layer",
+    },
+)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import PeftType, check_choice, register_config
-from ..common import check_bool
-from ..lycoris import LycorisConfig
+from ...config import PeftType, check_bool, check_choice, register_config
+from ..lycoris_config import LycorisConfig
 
 
 @register_config

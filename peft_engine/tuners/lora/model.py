@@ -7,14 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ...quantization import create_quantized_lora_layer
 from ..base import BaseTuner, LayerFactory
 from .layer import LoraLayer, create_lora_layer
 
 
 class LoraModel(BaseTuner):
     prefix = "lora_"
-    # Quantized layer kinds append their factory here (see peft_engine.quantization).
-    layer_factories: list[LayerFactory] = [create_lora_layer]
+    # Tried last to first: bitsandbytes layers (peft_engine.quantization), then the plain kinds.
+    layer_factories: list[LayerFactory] = [create_lora_layer, create_quantized_lora_layer]
 
     def _create_layer(self, target, adapter_name, config, name):  # type: ignore[override]
         for factory in reversed(self.layer_factories):  # most specific (quantized) kinds first

@@ -1,7 +1,19 @@
 """OFT: orthogonal fine-tuning with block-diagonal Cayley rotations of the layer input."""
 
-from .config import OFTConfig
-from .layer import OFTLayer, OFTRotation
-from .model import OFTModel
+from ..._lazy import lazy_exports
 
-__all__ = ["OFTConfig", "OFTLayer", "OFTModel", "OFTRotation"]
+__all__ = [
+    "OFTConfig",
+    "OFTLayer",
+    "OFTModel",
+    "OFTRotation",
+]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "OFTConfig": ".config",
+        "OFTLayer": ".layer",
+        "OFTModel": ".model",
+        "OFTRotation": ".layer",
+    },
+)

@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import PeftConfig, PeftType, check_choice, check_positive, register_config
-from ..common import check_bool, check_float, normalise_targets
+from ...config import (
+    PeftConfig,
+    PeftType,
+    check_bool,
+    check_choice,
+    check_float,
+    check_positive,
+    normalise_targets,
+    register_config,
+)
 
 
 @register_config

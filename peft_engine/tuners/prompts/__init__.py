@@ -1,23 +1,7 @@
 """Prompt-learning methods (prompt tuning, prefix tuning, P-tuning, multitask prompt tuning) and
 adaption prompts: configs, encoders and the tuners PeftModel drives."""
 
-from .adaption_prompt import AdaptedAttention, AdaptionPromptModel
-from .config import (
-    AdaptionPromptConfig,
-    MultitaskPromptTuningConfig,
-    MultitaskPromptTuningInit,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptLearningConfig,
-    PromptTuningConfig,
-    PromptTuningInit,
-)
-from .multitask import MultitaskPromptEmbedding
-from .p_tuning import PromptEncoder
-from .prefix import PrefixEncoder
-from .prompt_tuning import PromptEmbedding
-from .tuner import PromptLearningModel
+from ..._lazy import lazy_exports
 
 __all__ = [
     "AdaptedAttention",
@@ -37,3 +21,24 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
 ]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "AdaptedAttention": ".adaption_prompt",
+        "AdaptionPromptConfig": ".config",
+        "AdaptionPromptModel": ".adaption_prompt",
+        "MultitaskPromptEmbedding": ".multitask",
+        "MultitaskPromptTuningConfig": ".config",
+        "MultitaskPromptTuningInit": ".config",
+        "PrefixEncoder": ".prefix",
+        "PrefixTuningConfig": ".config",
+        "PromptEmbedding": ".prompt_tuning",
+        "PromptEncoder": ".p_tuning",
+        "PromptEncoderConfig": ".config",
+        "PromptEncoderReparameterizationType": ".config",
+        "PromptLearningConfig": ".config",
+        "PromptLearningModel": ".tuner",
+        "PromptTuningConfig": ".config",
+        "PromptTuningInit": ".config",
+    },
+)
