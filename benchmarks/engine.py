@@ -20,6 +20,13 @@ gradients flow back through every layer to the inputs, which any adapter at ever
 pay too. ``overhead = step - floor`` (median of per-repeat differences) is what an engine can
 still shrink; its ratio to HF PEFT's is the figure the goals are about.
 
+A/A controls, because identical work in two copies of a model does not time the same: each
+copy's tensors sit elsewhere in memory, and on this 2-core VM two identical SmolLM2 copies
+differed by 3-5% in step time (IA3, 10 rounds), a tiny-Llama copy by up to 6% in inference.
+Inference always times a deep copy of the base next to the base ("A/A copy x base"): a
+merged-inference ratio within that spread is noise, not wrapper cost. ``--twin`` also times a
+deep copy of our model in every training round ("A/A twin x ours"), one more step a round.
+
 Memory, on CPU: bytes autograd saves for backward (activations; weights excluded) and the
 trainable state (parameters + gradients + AdamW moments), both exact and noise-free; on CUDA
 also ``torch.cuda.max_memory_allocated`` per step. Results: benchmarks/results/engine.json.
@@ -226,7 +233,8 @@ def _weights(model: Any) -> list[torch.Tensor]:
 
 
 def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torch.Tensor], device: torch.device,
-            warmup: int, repeats: int, infer_warmup: int, infer_repeats: int) -> dict[str, Any]:
+            warmup: int, repeats: int, infer_warmup: int, infer_repeats: int, base_copy: torch.nn.Module | None = None,
+            twin: bool = False) -> dict[str, Any]:
     notes: list[str] = []
     out: dict[str, Any] = {"row": row.name, "method": row.method, "hyperparameters": row.kwargs,
                            "targets": row.targets, "notes": notes}
@@ -261,6 +269,9 @@ def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torc
     if hf is not None:
         steps["hf"] = train_step_fn(hf, trainable(hf), train_batch, hf.base_model)
     steps["floor"] = train_step_fn(floor, floor.parameters(), train_batch)
+    if twin:  # A/A: the very same model again, in its own memory (see the module doc)
+        ours_twin = copy.deepcopy(ours)
+        steps["ours_twin"] = train_step_fn(ours_twin, trainable(ours_twin), train_batch, ours_twin.base_model)
     out["train"] = _train_summary(interleaved(steps, warmup=warmup, repeats=repeats, device=device))
 
     # Memory, measured in extra untimed steps.
@@ -284,7 +295,7 @@ def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torc
     for m in (ours, hf, base):
         if m is not None:
             m.eval()
-    out["infer_unmerged"] = _infer(models, base, infer_batch, device, infer_warmup, infer_repeats)
+    out["infer_unmerged"] = _infer(models, base, base_copy, infer_batch, device, infer_warmup, infer_repeats)
     merged = {}
     for name, m in models.items():
         if m is None or not peft_engine.get_method(row.method).uses_targets:  # prompts have no weights to merge
@@ -295,11 +306,13 @@ def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torc
         except Exception as exc:
             notes.append(f"{name}: merge_adapter() failed: {type(exc).__name__}: {exc}"[:300])
     if "ours" in merged:
-        out["infer_merged"] = _infer(merged, base, infer_batch, device, infer_warmup, infer_repeats)
+        out["infer_merged"] = _infer(merged, base, base_copy, infer_batch, device, infer_warmup, infer_repeats)
     out["goals"] = _goals(row, out)
     out["status"] = "ok"
     out["wall_s"] = time.perf_counter() - started
     del ours, hf, models, merged, steps
+    if twin:
+        del ours_twin
     gc.collect()
     return out
 
@@ -309,14 +322,16 @@ def _train_summary(t: Timings) -> dict[str, Any]:
                          "floor_s": t.median("floor"), "ratio_vs_hf": t.ratio("ours", "hf"),
                          "ours_overhead_s": t.paired_median("ours", "floor"),
                          "hf_overhead_s": t.paired_median("hf", "floor"), "spread_ours": t.spread("ours")}
+    if "ours_twin" in t.samples:
+        s["twin_vs_ours"] = t.ratio("ours_twin", "ours")
     ho, oo = s["hf_overhead_s"], s["ours_overhead_s"]
     # A ratio of overheads only means something when HF's overhead stands above the noise.
     s["overhead_ratio_vs_hf"] = oo / ho if ho is not None and oo is not None and ho > 0 else None
     return s
 
 
-def _infer(models: dict[str, Any], base: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
-           warmup: int, repeats: int) -> dict[str, Any]:
+def _infer(models: dict[str, Any], base: torch.nn.Module, base_copy: torch.nn.Module | None,
+           batch: dict[str, torch.Tensor], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
     def call(m: Any) -> Callable[[], Any]:
         def fn() -> Any:
             with torch.inference_mode():
@@ -325,10 +340,13 @@ def _infer(models: dict[str, Any], base: torch.nn.Module, batch: dict[str, torch
 
     fns = {name: call(m) for name, m in models.items() if m is not None}
     fns["base"] = call(base)
+    if base_copy is not None:
+        fns["base_copy"] = call(base_copy)
     t = interleaved(fns, warmup=warmup, repeats=repeats, device=device)
     return {"timings": t.to_json(), "ours_s": t.median("ours"), "hf_s": t.median("hf"), "base_s": t.median("base"),
             "ours_vs_hf": t.ratio("ours", "hf"), "ours_vs_base": t.ratio("ours", "base"),
-            "hf_vs_base": t.ratio("hf", "base")}
+            "hf_vs_base": t.ratio("hf", "base"),
+            "copy_vs_base": t.ratio("base_copy", "base") if base_copy is not None else None}
 
 
 def _goals(row: Row, out: dict[str, Any]) -> dict[str, Any]:
@@ -367,24 +385,26 @@ def unbenchmarked_methods() -> list[str]:
 
 
 def run_model(name: str, rows: list[Row], device: torch.device, warmup: int, repeats: int,
-              infer_warmup: int, infer_repeats: int) -> dict[str, Any]:
+              infer_warmup: int, infer_repeats: int, twin: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     base, label = load_model(name)
     base.to(device)
     load_s = time.perf_counter() - started
     floor = Floor(base)
+    base_copy = copy.deepcopy(base)  # A/A for inference: the same weights in other memory
     batch = make_batch(base.config.vocab_size, device)
     results = []
     for row in rows:
         print(f"  [{name}] {row.name} ...", flush=True)
         try:
-            results.append(run_row(row, base, floor, batch, device, warmup, repeats, infer_warmup, infer_repeats))
+            results.append(run_row(row, base, floor, batch, device, warmup, repeats, infer_warmup, infer_repeats,
+                                   base_copy, twin))
         except Exception as exc:  # one broken row must not lose the others
             results.append({"row": row.name, "method": row.method, "status": "error",
                             "notes": [f"{type(exc).__name__}: {exc}"[:400]],
                             "traceback": traceback.format_exc()[-2000:]})
         print("    " + _one_line(results[-1]), flush=True)
-    del base, floor
+    del base, floor, base_copy
     gc.collect()
     return {"model": name, "label": label, "load_s": load_s, "batch": [BATCH, SEQ_LEN], "warmup": warmup,
             "repeats": repeats, "infer_warmup": infer_warmup, "infer_repeats": infer_repeats, "rows": results,
@@ -403,6 +423,7 @@ TABLE_COLUMNS = [
     ("row", "row"), ("ours", "ours s"), ("hf", "HF s"), ("ratio", "x HF"), ("g_total", "goal"),
     ("floor", "floor s"), ("o_ovh", "ours ovh"), ("h_ovh", "HF ovh"), ("ovh_ratio", "ovh x HF"), ("g_ovh", "goal"),
     ("unmerged", "unmerged x HF"), ("merged", "merged x base"), ("g_merged", "goal"), ("hf_merged", "HF merged x base"),
+    ("aa_copy", "A/A copy x base"), ("aa_twin", "A/A twin x ours"),
     ("act", "act MB ours/HF"), ("loss_diff", "|dloss|"),
 ]
 
@@ -425,6 +446,8 @@ def table(model_result: dict[str, Any]) -> str:
             "unmerged": fmt(um.get("ours_vs_hf"), ".3f"), "merged": fmt(mg.get("ours_vs_base"), ".3f"),
             "hf_merged": fmt(mg.get("hf_vs_base"), ".3f"),
             "g_merged": f"{mark(g.get('merged_vs_base'))} <=1.02" if "merged_vs_base" in g else "",
+            "aa_copy": fmt(mg.get("copy_vs_base", um.get("copy_vs_base")), ".3f"),
+            "aa_twin": fmt(t.get("twin_vs_ours"), ".3f"),
             "act": f"{fmt(mem.get('ours', {}).get('saved_for_backward_mb'), '.0f')}/"
                    f"{fmt(mem.get('hf', {}).get('saved_for_backward_mb'), '.0f')}",
             "loss_diff": fmt(r["loss_check"]["abs_diff"], ".1e"),
@@ -465,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all usable CPUs; 1 with --quick, which is robust on a busy machine)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    p.add_argument("--twin", action="store_true",
+                   help="A/A check: also time a deep copy of our model in every training round (one more step a round)")
     p.add_argument("--name", default=None,
                    help="results file name under benchmarks/results/ (default engine, or engine_quick with --quick)")
     return p
@@ -497,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         repeats = plan[1] if args.repeats is None else max(1, args.repeats)
         infer_warmup = min(warmup, plan[2])
         infer_repeats = plan[3] if args.infer_repeats is None else max(1, args.infer_repeats)
-        results.append(run_model(m, rows, device, warmup, repeats, infer_warmup, infer_repeats))
+        results.append(run_model(m, rows, device, warmup, repeats, infer_warmup, infer_repeats, args.twin))
     payload = {"quick": args.quick, "threads": threads, "device": str(device), "models": results,
                "methods_without_row": skipped, "peak_rss_mb": peak_rss_mb(), "rss_mb_at_end": current_rss_mb(),
                "goals": {"total": "ours step <= 1.00x HF PEFT in every row",
