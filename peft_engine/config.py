@@ -132,6 +132,16 @@ def normalise_targets(config: Any) -> None:
         raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
 
 
+def check_rank_alpha_patterns(config: Any) -> None:
+    """``rank_pattern`` / ``alpha_pattern``: mappings of module-name regex to a positive rank
+    (an integer) or alpha, as :func:`pattern_value` reads them."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, name)
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{name}={pattern!r} is not allowed; allowed: a mapping of module pattern -> value")
+        for key, value in pattern.items():
+            check_positive(f"{name}[{key!r}]", value, integer=name == "rank_pattern")
+
 @dataclass
 class PeftConfig:
     """Fields shared by every method, as HF PEFT names them."""

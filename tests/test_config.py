@@ -148,3 +148,18 @@ def test_pissa_niter_is_a_clear_error_not_a_silent_fallback(tmp_path):
     peft.LoraConfig(init_lora_weights="pissa_niter_4").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="init_lora_weights='pissa_niter_4' is not allowed"):
         PeftConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["q_proj|v_proj", "v_proj", r"layers\.1\.self_attn\.(q|v)_proj", "proj"])
+def test_rank_and_alpha_patterns_match_as_hf_peft_reads_them(key):
+    """A pattern key is a regex on the end of the module name, alternations included (LoRA once
+    read ``q_proj|v_proj`` as ``(.*\\.)?q_proj`` or exactly ``v_proj``; LyCORIS never did)."""
+    from peft.utils.other import get_pattern_key
+
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "k_proj", "v_proj")]
+    configs = [pe.LoraConfig(r=8, lora_alpha=16, rank_pattern={key: 2}, alpha_pattern={key: 4}),
+               pe.LoHaConfig(r=8, alpha=16, rank_pattern={key: 2}, alpha_pattern={key: 4})]
+    for config in configs:
+        for name in names:
+            hit = get_pattern_key([key], name) == key
+            assert config.rank_and_alpha(name) == ((2, 4) if hit else (8, 16)), (type(config).__name__, name)

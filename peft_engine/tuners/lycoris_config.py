@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import PeftConfig, check_bool, check_float, check_positive, normalise_targets, pattern_value
+from ..config import (
+    PeftConfig,
+    check_bool,
+    check_float,
+    check_positive,
+    check_rank_alpha_patterns,
+    normalise_targets,
+    pattern_value,
+)
 
 
 @dataclass
@@ -37,12 +45,7 @@ class LycorisConfig(PeftConfig):
         check_float("module_dropout", self.module_dropout, 0.0, 1.0)
         check_bool(self, "use_effective_conv2d", "inference_mode")
         normalise_targets(self)
-        for name in ("rank_pattern", "alpha_pattern"):
-            pattern = getattr(self, name)
-            if not isinstance(pattern, dict):
-                raise ValueError(f"{name}={pattern!r} is not allowed; allowed: a mapping of module pattern -> value")
-            for key, value in pattern.items():
-                check_positive(f"{name}[{key!r}]", value, integer=name == "rank_pattern")
+        check_rank_alpha_patterns(self)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(self.alpha_pattern, module_name, self.alpha)

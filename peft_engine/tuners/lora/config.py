@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import PeftConfig, PeftType, any_value, check_choice, check_positive, register_config
+from ...config import (
+    PeftConfig,
+    PeftType,
+    any_value,
+    check_choice,
+    check_positive,
+    check_rank_alpha_patterns,
+    pattern_value,
+    register_config,
+)
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -93,23 +101,11 @@ class LoraConfig(PeftConfig):
             LoftQConfig(**self.loftq_config)  # validate
         if self.init_lora_weights == "loftq" and not self.loftq_config:
             raise ValueError("init_lora_weights='loftq' needs loftq_config (e.g. LoftQConfig(loftq_bits=4))")
-        for pattern_name in ("rank_pattern", "alpha_pattern"):
-            pattern = getattr(self, pattern_name)
-            if not isinstance(pattern, dict):
-                raise ValueError(f"{pattern_name}={pattern!r} is not allowed; allowed: a mapping of module pattern -> value")
-            for key, value in pattern.items():
-                check_positive(f"{pattern_name}[{key!r}]", value, integer=pattern_name == "rank_pattern")
+        check_rank_alpha_patterns(self)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """Per-module rank and alpha: the first pattern whose regex matches the name's end wins."""
         return (
-            _pattern_value(self.rank_pattern, module_name, self.r),
-            _pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
+            pattern_value(self.rank_pattern, module_name, self.r),
+            pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
         )
-
-
-def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module_name):
-            return value
-    return default
