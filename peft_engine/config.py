@@ -198,6 +198,8 @@ class PeftConfig:
         peft_type = data.pop("peft_type", None)
         target_cls = cls
         if cls is PeftConfig or getattr(cls, "PEFT_TYPE", None) is None:
+            from . import methods  # noqa: F401  (imports every built-in config class, which registers itself)
+
             if peft_type is None:
                 raise ValueError("adapter config has no 'peft_type'; allowed: " + ", ".join(_CONFIG_REGISTRY))
             if peft_type not in _CONFIG_REGISTRY:

@@ -163,3 +163,16 @@ def test_rank_and_alpha_patterns_match_as_hf_peft_reads_them(key):
         for name in names:
             hit = get_pattern_key([key], name) == key
             assert config.rank_and_alpha(name) == ((2, 4) if hit else (8, 16)), (type(config).__name__, name)
+
+
+def test_any_saved_config_loads_in_a_fresh_process(tmp_path):
+    """Config classes register as they are imported, and peft_engine imports lazily: reading an
+    adapter_config.json must not depend on which config classes the caller happened to import."""
+    import subprocess
+    import sys
+
+    pe.IA3Config(target_modules=["k_proj"], feedforward_modules=[]).save_pretrained(tmp_path)
+    code = "import sys; from peft_engine import PeftConfig; print(type(PeftConfig.from_pretrained(sys.argv[1])).__name__)"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "IA3Config"
