@@ -233,7 +233,7 @@ def _weights(model: Any) -> list[torch.Tensor]:
 
 
 def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torch.Tensor], device: torch.device,
-            warmup: int, repeats: int, infer_warmup: int, infer_repeats: int, base_copy: torch.nn.Module | None = None,
+            warmup: int, repeats: int, infer_warmup: int, infer_repeats: int, base_copy: torch.nn.Module,
             twin: bool = False) -> dict[str, Any]:
     notes: list[str] = []
     out: dict[str, Any] = {"row": row.name, "method": row.method, "hyperparameters": row.kwargs,
@@ -330,7 +330,7 @@ def _train_summary(t: Timings) -> dict[str, Any]:
     return s
 
 
-def _infer(models: dict[str, Any], base: torch.nn.Module, base_copy: torch.nn.Module | None,
+def _infer(models: dict[str, Any], base: torch.nn.Module, base_copy: torch.nn.Module,
            batch: dict[str, torch.Tensor], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
     def call(m: Any) -> Callable[[], Any]:
         def fn() -> Any:
@@ -340,13 +340,12 @@ def _infer(models: dict[str, Any], base: torch.nn.Module, base_copy: torch.nn.Mo
 
     fns = {name: call(m) for name, m in models.items() if m is not None}
     fns["base"] = call(base)
-    if base_copy is not None:
-        fns["base_copy"] = call(base_copy)
+    fns["base_copy"] = call(base_copy)
     t = interleaved(fns, warmup=warmup, repeats=repeats, device=device)
     return {"timings": t.to_json(), "ours_s": t.median("ours"), "hf_s": t.median("hf"), "base_s": t.median("base"),
             "ours_vs_hf": t.ratio("ours", "hf"), "ours_vs_base": t.ratio("ours", "base"),
             "hf_vs_base": t.ratio("hf", "base"),
-            "copy_vs_base": t.ratio("base_copy", "base") if base_copy is not None else None}
+            "copy_vs_base": t.ratio("base_copy", "base")}
 
 
 def _goals(row: Row, out: dict[str, Any]) -> dict[str, Any]:

@@ -142,6 +142,7 @@ def check_rank_alpha_patterns(config: Any) -> None:
         for key, value in pattern.items():
             check_positive(f"{name}[{key!r}]", value, integer=name == "rank_pattern")
 
+
 @dataclass
 class PeftConfig:
     """Fields shared by every method, as HF PEFT names them."""

@@ -81,9 +81,7 @@ class SweepTracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             SWEEP_TAG: sweep_id, "peft_sweeps.kind": "sweep", "git_commit": git_commit(), **(tags or {})})
         run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+        self._log_params(run_id, params)
         if space_file:
             self.client.log_artifact(run_id, space_file)
         self.client.log_dict(run_id, environment(), "environment.json")
@@ -98,10 +96,13 @@ class SweepTracker:
             return existing
         run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
             PARENT_TAG: parent_run_id, SWEEP_TAG: sweep_id, TRIAL_TAG: trial_id, "peft_sweeps.kind": "trial"})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-        return run.info.run_id
+        self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
