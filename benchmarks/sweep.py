@@ -7,6 +7,9 @@ The work, identical on both sides: LoRA r in {4, 16} x targets in {attention (q,
 all-linear} on SmolLM2-135M-Instruct, 20 optimizer steps of batch 4 each, one evaluation on 64
 held-out chatterbot Q/A pairs, trials one at a time with every CPU. Both tokenize the data with
 ``sweeps.data.build_datasets`` and the same tokenizer, so they train on the same examples.
+The peer's Trainer pads each batch to its longest row (as transformers does by default); ours
+runs causal-LM batches padding-free (``train.padding_free``, the default: same loss, no layer
+computes on padding). ``--padded`` turns that off for ours, to see what it is worth.
 
 * ours: ``sweeps/run.py`` on a temporary search-space YAML (grid, no early stopping, no
   registry), as a subprocess: Ray Tune trials of Ray Train workers, MLflow tracking.
@@ -60,6 +63,7 @@ class Settings:
     lora_alpha: int = 16
     seed: int = 0
     cpus: int = 1
+    padding_free: bool = True  # ours only: the peer's Trainer pads every batch to its longest row
 
     @property
     def trials(self) -> int:
@@ -82,7 +86,7 @@ def space_yaml(s: Settings) -> str:
         "base": {"model": s.base, "task": "causal_lm", "dtype": "float32"},
         "data": {"source": "chatterbot-corpus", "eval_size": s.eval_size, "seq_len": s.seq_len},
         "train": {"max_steps": s.steps, "batch_size": s.batch_size, "eval_every": s.steps, "lr_schedule": "linear",
-                  "max_grad_norm": 1.0},
+                  "max_grad_norm": 1.0, "padding_free": s.padding_free},
         "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1, "metric": "eval_loss",
                    "seed": s.seed, "scheduler": {"type": "none"}},
         "resources": {"workers": 1, "cpus_per_worker": s.cpus},
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     if args.peer_child:
         return peer_child(Path(args.peer_child))
     cpus = args.cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    s = Settings(**({**QUICK, "cpus": cpus} if args.quick else {"cpus": cpus}))
+    s = Settings(**({**QUICK, "cpus": cpus} if args.quick else {"cpus": cpus}), padding_free=not args.padded)
     work = Path(tempfile.mkdtemp(prefix="peft-sweeps-bench-"))
     print(f"sweep benchmark: {s.trials} trials of LoRA on {s.base}, {s.steps} steps x batch {s.batch_size}, "
           f"eval {s.eval_size} pairs, {s.cpus} CPU(s) per trial; work dir {work}", flush=True)
@@ -483,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny-random-llama, 2 trials of 4 steps: checks it runs")
     p.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating who goes first")
     p.add_argument("--cpus", type=int, default=None, help="CPUs per trial on both sides (default: all usable)")
+    p.add_argument("--padded", action="store_true",
+                   help="ours pads batches as the peer does (train.padding_free: false), to see what packing is worth")
     p.add_argument("--only", choices=["ours", "peer"], default=None, help="run one side only (debugging)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a side is stopped")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, Ray and MLflow folders)")

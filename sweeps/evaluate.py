@@ -33,14 +33,16 @@ TASKS = ("causal_lm", "seq_cls")
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable[Mapping[str, Any]], *, task: str, max_batches: int | None = None
+    model: nn.Module, loader: Iterable[Mapping[str, Any]], *, task: str, max_batches: int | None = None,
+    padding_free: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``loader`` (batches from :func:`sweeps.data.collate`), see module doc.
 
     Returns ``eval_loss`` and ``perplexity`` (causal_lm) or ``eval_loss``, ``accuracy`` and
     ``f1`` (seq_cls), plus ``eval_tokens`` / ``eval_examples`` (the global counts behind them).
     Runs under ``model.eval()`` and ``torch.no_grad()`` and restores every submodule's
-    previous training flag afterwards.
+    previous training flag afterwards. ``padding_free`` runs causal-LM batches packed where that
+    is faster (:mod:`sweeps.packing`: the same sums).
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; allowed: {', '.join(TASKS)}")
@@ -64,7 +66,8 @@ def evaluate(
                     raise ValueError(f"evaluate needs a 'labels' column in each batch; got {sorted(batch)}")
                 labels = batch.pop("labels")
                 if plan is not None and set(batch) <= {"input_ids", "attention_mask"}:
-                    s, n = plan.sums(batch["input_ids"], batch.get("attention_mask"), labels)
+                    s, n = plan.sums(batch["input_ids"], batch.get("attention_mask"), labels,
+                                     padding_free=padding_free)
                     s, n = s.double(), n.double()
                 elif task == "causal_lm":
                     s, n = _causal_sums(_logits(inner(**batch)), labels)

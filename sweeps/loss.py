@@ -11,13 +11,16 @@ own ``.loss``) for about 15% less time per step on SmolLM2.
 The split is checked, not assumed: :func:`label_token_plan` compares the two paths once on a
 fixed probe input, and any model whose head does more than a projection (logit soft-capping or
 scaling, prompt-learning methods that prepend virtual tokens, a wrapper without a decoder) keeps
-its own forward.
+its own forward. The same probe decides whether the body may take padding-free batches
+(:mod:`sweeps.packing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .packing import IGNORE_INDEX, PackingCost, pack_rows, packing_cost, should_pack
+
 _PROBE_TOKENS = 8
 _PROBE_RTOL = 1e-4
 _PROBE_ATOL = 1e-6
@@ -35,19 +39,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LabelTokenPlan:
-    """Where to split a causal LM: its decoder body (to hidden states) and its output head."""
+    """Where to split a causal LM: its decoder body (to hidden states) and its output head.
+    ``packing`` is the cost model of padding-free batches (:mod:`sweeps.packing`), None where the
+    body's packed-sequence attention did not match its padded one on the probe."""
 
     body: nn.Module
     head: nn.Module
+    packing: PackingCost | None = None
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # No KV cache in training or eval; with one, transformers ignores packed position ids.
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def sums(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over the label tokens (float32) and their count."""
-        hidden = self.hidden(input_ids, attention_mask)
+    def sums(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+             *, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over the label tokens (float32) and their count; with
+        ``padding_free`` the rows run packed where the cost model says that is faster."""
+        position_ids = None
+        if padding_free and should_pack(self.packing, attention_mask):
+            packed = pack_rows(input_ids, attention_mask, labels)
+            if packed is not None:
+                input_ids, position_ids, labels = packed
+                attention_mask = None
+        hidden = self.hidden(input_ids, attention_mask, position_ids)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = self.head(hidden[:, :-1][keep]).float()
@@ -79,25 +96,32 @@ def _probe_plan(model: nn.Module) -> LabelTokenPlan | None:
     if body is None or body is base or not isinstance(head, nn.Module):
         return None
     plan = LabelTokenPlan(body, head)
-    return plan if _agrees(model, plan, base) else None
+    with _inference(model):
+        if not _agrees(model, plan, base):
+            return None
+        if _packs_like_padded(plan):
+            return LabelTokenPlan(body, head, packing_cost(base, body))
+    return plan
 
 
 class TrainingLoss(nn.Module):
     """``model``'s training loss as a module (so DistributedDataParallel can wrap it): with
     ``label_tokens`` (causal LMs) the mean cross-entropy over label tokens through
     :class:`LabelTokenPlan` where the model allows it, else ``model(**batch).loss``. AdaLoRA's
-    orthogonality term is added as its own forward does."""
+    orthogonality term is added as its own forward does. ``padding_free`` packs each batch's
+    rows into one sequence where that is faster (:mod:`sweeps.packing`; same loss and gradients)."""
 
-    def __init__(self, model: nn.Module, *, label_tokens: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, label_tokens: bool = True, padding_free: bool = True) -> None:
         super().__init__()
         self.model = model
         self.plan = label_token_plan(model) if label_tokens else None
+        self.padding_free = padding_free
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:
         if self.plan is None or kwargs:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
-        total, count = self.plan.sums(input_ids, attention_mask, labels)
+        total, count = self.plan.sums(input_ids, attention_mask, labels, padding_free=self.padding_free)
         loss = total / count.clamp_min(1)
         regularizer = getattr(getattr(self.model, "base_model", None), "orthogonal_regularization", None)
         if regularizer is not None and self.model.training:
@@ -110,27 +134,60 @@ def _first_config(model: nn.Module) -> Any:
     return next(iter(configs.values()), None) if isinstance(configs, dict) else None
 
 
-def _agrees(model: nn.Module, plan: LabelTokenPlan, base: nn.Module) -> bool:
-    """Both paths give the same logits on a fixed probe (no dropout, no gradients): a head that
-    caps or scales its logits after the projection shows here even where a loss would not."""
-    vocab = getattr(getattr(base, "config", None), "vocab_size", None) or 2
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ids = (torch.arange(_PROBE_TOKENS, device=device) * 7919 % vocab).unsqueeze(0)
-    mask = torch.ones_like(ids)
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """No dropout and no gradients for the probes; every submodule's training flag restored after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            own = getattr(model(input_ids=ids, attention_mask=mask), "logits", None)
-            ours = plan.head(plan.hidden(ids, mask))
-    except Exception as exc:  # a body that wants other inputs: keep the model's own forward
-        log.info("label-token loss unavailable for %s: %s", type(base).__name__, exc)
-        return False
+            yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+def _probe_ids(base: nn.Module, model: nn.Module, length: int, offset: int = 0) -> torch.Tensor:
+    vocab = getattr(getattr(base, "config", None), "vocab_size", None) or 2
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return ((torch.arange(length, device=device) + offset) * 7919 % vocab).unsqueeze(0)
+
+
+def _agrees(model: nn.Module, plan: LabelTokenPlan, base: nn.Module) -> bool:
+    """Both paths give the same logits on a fixed probe: a head that caps or scales its logits
+    after the projection shows here even where a loss would not."""
+    ids = _probe_ids(base, model, _PROBE_TOKENS)
+    mask = torch.ones_like(ids)
+    try:
+        own = getattr(model(input_ids=ids, attention_mask=mask), "logits", None)
+        ours = plan.head(plan.hidden(ids, mask))
+    except Exception as exc:  # a body that wants other inputs: keep the model's own forward
+        log.info("label-token loss unavailable for %s: %s", type(base).__name__, exc)
+        return False
     same = isinstance(own, torch.Tensor) and own.shape == ours.shape and bool(
         torch.allclose(ours.float(), own.float(), rtol=_PROBE_RTOL, atol=_PROBE_ATOL))
     if not same:
         log.info("label-token logits differ from %s's own: using the full forward", type(base).__name__)
+    return same
+
+
+def _packs_like_padded(plan: LabelTokenPlan) -> bool:
+    """Two rows of different lengths give the same hidden states packed as padded: the body
+    honours packed position ids (transformers' packed-sequence mask and rotary positions)."""
+    body = plan.body
+    short = _PROBE_TOKENS - 3
+    ids = torch.cat([_probe_ids(body, body, _PROBE_TOKENS), _probe_ids(body, body, _PROBE_TOKENS, offset=11)])
+    mask = torch.ones_like(ids)
+    mask[1, short:] = 0
+    packed = pack_rows(ids, mask, torch.zeros_like(ids))
+    try:
+        padded = plan.hidden(ids, mask)[mask.bool()]
+        flat = plan.hidden(packed.input_ids, None, packed.position_ids)[0]
+    except Exception as exc:
+        log.info("padding-free batches unavailable for %s: %s", type(body).__name__, exc)
+        return False
+    same = padded.shape == flat.shape and bool(torch.allclose(flat.float(), padded.float(), rtol=_PROBE_RTOL,
+                                                              atol=_PROBE_ATOL))
+    if not same:
+        log.info("packed rows differ from padded ones in %s: batches stay padded", type(body).__name__)
     return same

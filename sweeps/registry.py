@@ -112,7 +112,8 @@ def evaluate_adapter(spec: Any, model: Any, tokenizer: Any) -> dict[str, float]:
     from .data import build_for_spec, make_eval_loader
     from .evaluate import evaluate
 
-    return evaluate(model, make_eval_loader(build_for_spec(spec, tokenizer), spec, all_rows=True), task=spec.base.task)
+    return evaluate(model, make_eval_loader(build_for_spec(spec, tokenizer), spec, all_rows=True), task=spec.base.task,
+                    padding_free=spec.train.padding_free)
 
 
 def _record(client: Any, tracker: Any, context: Any, outcome: GateOutcome) -> None:

@@ -106,6 +106,7 @@ class TrainSpec(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="a number >= 0")
     max_grad_norm: float | None = Field(1.0, gt=0, description="a number > 0 or null (no clipping)")
     gradient_checkpointing: bool = Field(False, description="true or false")
+    padding_free: bool = Field(True, description="true or false (causal LMs: pack a batch's rows where faster)")
     checkpoint_every_eval: bool = Field(True, description="true or false")
 
     @model_validator(mode="after")

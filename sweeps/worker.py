@@ -164,7 +164,7 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
     from .tracking import TrialLogger
 
     model, optimizer, scheduler = trial.model, trial.optimizer, trial.scheduler
-    loss_module = TrainingLoss(model, label_tokens=spec.base.task == "causal_lm")
+    loss_module = TrainingLoss(model, label_tokens=spec.base.task == "causal_lm", padding_free=spec.train.padding_free)
     ddp_loss = ray.train.torch.prepare_model(loss_module, move_to_device=False) if world > 1 else loss_module
     # AdaLoRA reallocates ranks from the gradients: after backward, before they are zeroed.
     update_and_allocate = getattr(model.base_model, "update_and_allocate", None)
@@ -204,7 +204,8 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
         if done % spec.train.eval_every and done != total_steps:
             continue
         started = time.perf_counter()
-        metrics = evaluate(model, trial.eval_loader, task=spec.base.task, max_batches=spec.train.eval_batches)
+        metrics = evaluate(model, trial.eval_loader, task=spec.base.task, max_batches=spec.train.eval_batches,
+                           padding_free=spec.train.padding_free)
         clock.eval_s += time.perf_counter() - started
         metrics.update(_train_metrics(clock, done, world, device, trial.trainable, len(trial.train_loader)))
         if logger:
