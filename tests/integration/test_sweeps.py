@@ -52,7 +52,8 @@ def test_sweep_killed_then_resumed_tracks_every_trial_once_and_registers_a_champ
         history = client(cluster).get_metric_history(child.info.run_id, "eval_loss")
         assert len(history) >= 2 and all(m.value > 0 for m in history)
         assert {"method", "targets", "quantization", "learning_rate"} <= set(child.data.params)
-        for metric in ("train_loss", "step_time_s", "tokens_per_s", "peak_memory_mb", "trainable_params"):
+        for metric in ("train_loss", "step_time_s", "tokens_per_s", "peak_memory_mb", "trainable_params",
+                       "packed_batch_share"):
             assert metric in child.data.metrics, metric
     champion = client(cluster).get_model_version_by_alias("itest-main-adapter", "champion")
     assert champion.tags["method"] in ("lora", "dora") and champion.tags["base_model"] == "tiny-random-llama"
