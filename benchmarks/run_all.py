@@ -1,6 +1,6 @@
 """Run every benchmark (`make bench`) and print one combined summary.
 
-    .venv/bin/python -m benchmarks.run_all                  # engine, layers, bases, sweep (about 25 min on 2 cores)
+    .venv/bin/python -m benchmarks.run_all                  # engine, layers, bases, packing, sweep (about 30 min on 2 cores)
     .venv/bin/python -m benchmarks.run_all --quick          # tiny models only: checks every script runs
     .venv/bin/python -m benchmarks.run_all --only engine,sweep
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from .common import mark
 
-BENCHMARKS = ("engine", "layers", "bases", "sweep")
+BENCHMARKS = ("engine", "layers", "bases", "packing", "sweep")
 
 
 def _engine_summary(payload: dict[str, Any]) -> list[str]:
@@ -41,6 +41,11 @@ def _sweep_summary(payload: dict[str, Any]) -> list[str]:
     return summary_lines(payload)
 
 
+def _packing_summary(payload: dict[str, Any]) -> list[str]:
+    return [f"packing: {payload['base']}, {payload['padding_share']:.0%} padding: packed / padded step time "
+            f"{payload['ratio']:.3f}, losses within {payload['max_relative_loss_difference']:.1e}"]
+
+
 def _generic_summary(name: str) -> Callable[[dict[str, Any]], list[str]]:
     """Goals of a benchmark written elsewhere (bases): whatever ``payload["goals"]`` holds."""
 
@@ -55,7 +60,7 @@ def _generic_summary(name: str) -> Callable[[dict[str, Any]], list[str]]:
 
 
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "engine": _engine_summary, "layers": _layers_summary, "sweep": _sweep_summary, "bases": _generic_summary("bases")}
+    "engine": _engine_summary, "layers": _layers_summary, "sweep": _sweep_summary, "packing": _packing_summary, "bases": _generic_summary("bases")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,13 @@ class WorkerPools:
         self._stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def start(self) -> None:
+        # Ray Train and Tune share internals with import cycles; a pool thread importing them while
+        # the driver's main thread does can see a partially initialised module ("cannot import name
+        # '_CheckpointManager' ... most likely due to a circular import"), which failed a pool's
+        # first Train run. So both are imported here, once, before any pool thread starts.
+        import ray.train.torch  # noqa: F401
+        import ray.tune  # noqa: F401
+
         for index in range(self.count):
             thread = threading.Thread(target=self._run, args=(f"pool-{index}",), daemon=True, name=f"pool-{index}")
             thread.start()

@@ -166,8 +166,8 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
         pools=count, max_resumes=spec.resources.worker_max_failures)
     pools = WorkerPools(spec, board, count=count, storage_path=storage_path, data_dir=data_dir,
                         tracking_uri=tracking_uri)
-    pools.start()
-    # Imported once the pools are on their way: on a small machine they compete for the same cores.
+    pools.start()  # imports Ray Train and Tune first (see WorkerPools.start)
+    # The rest is imported once the pools are on their way: on a small machine they compete for the cores.
     from ray import tune
 
     from sweeps.registry import gate_winner

@@ -71,6 +71,8 @@ def test_worse_sweep_keeps_the_champion_and_reports_the_regression(cluster, tmp_
                                                   "space.methods": {"lora": {"r": 4, "lora_alpha": 8}}})
     first = run_cli(cluster, good)
     assert first.returncode == 0, first.stdout + first.stderr
+    # A healthy sweep's pools never fail (they once did, racing the driver's Ray imports).
+    assert "Ray Train run failed" not in first.stdout + first.stderr, first.stdout + first.stderr
     c = client(cluster)
     champion = c.get_model_version_by_alias("itest-gate-adapter", "champion").version
 
@@ -80,6 +82,7 @@ def test_worse_sweep_keeps_the_champion_and_reports_the_regression(cluster, tmp_
                                                    "resources.workers": 2})
     second = run_cli(cluster, worse, "--fail-on-regression")
     assert second.returncode == 3, second.stdout + second.stderr
+    assert "Ray Train run failed" not in second.stdout + second.stderr, second.stdout + second.stderr
     assert "REGRESSION" in second.stdout
     assert c.get_model_version_by_alias("itest-gate-adapter", "champion").version == champion
     candidate = c.get_model_version_by_alias("itest-gate-adapter", "candidate")
@@ -125,6 +128,7 @@ def test_pbt_clones_a_better_trial_checkpoint(cluster, tmp_path):
     })
     result = run_cli(cluster, space)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Ray Train run failed" not in result.stdout + result.stderr, result.stdout[-4000:] + result.stderr[-4000:]
     sweep_dir = max(cluster["storage"].glob("itest-pbt-*"))
     policy = [json.loads(line) for line in (sweep_dir / "pbt_global.txt").read_text().splitlines() if line.strip()]
     assert policy, "PBT exploited no trial"
