@@ -269,8 +269,8 @@ def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torc
     if hf is not None:
         steps["hf"] = train_step_fn(hf, trainable(hf), train_batch, hf.base_model)
     steps["floor"] = train_step_fn(floor, floor.parameters(), train_batch)
-    if twin:  # A/A: the very same model again, in its own memory (see the module doc)
-        ours_twin = copy.deepcopy(ours)
+    ours_twin = copy.deepcopy(ours) if twin else None  # A/A: the very same model in its own memory (module doc)
+    if ours_twin is not None:
         steps["ours_twin"] = train_step_fn(ours_twin, trainable(ours_twin), train_batch, ours_twin.base_model)
     out["train"] = _train_summary(interleaved(steps, warmup=warmup, repeats=repeats, device=device))
 
@@ -310,9 +310,7 @@ def run_row(row: Row, base: torch.nn.Module, floor: Floor, batch: dict[str, torc
     out["goals"] = _goals(row, out)
     out["status"] = "ok"
     out["wall_s"] = time.perf_counter() - started
-    del ours, hf, models, merged, steps
-    if twin:
-        del ours_twin
+    del ours, ours_twin, hf, models, merged, steps
     gc.collect()
     return out
 

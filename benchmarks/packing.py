@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from .common import command_line, fmt, format_table, median, set_threads, write_json
 
+ROOT = Path(__file__).resolve().parent.parent
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -27,7 +29,7 @@ def _batches(base: str, count: int, batch_size: int, seq_len: int) -> list[dict[
     from sweeps.data import build_for_spec, make_loader
     from sweeps.space import load_space
 
-    spec = load_space("search_spaces/quickstart.yaml")
+    spec = load_space(ROOT / "search_spaces" / "quickstart.yaml")
     spec.data.seq_len = seq_len
     splits = build_for_spec(spec, load_tokenizer(resolve_base(base).path))
     loader = make_loader(splits.train, batch_size, shuffle=True, seed=spec.search.seed, pad_token_id=splits.pad_token_id)

@@ -155,16 +155,17 @@ def _inference(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _probe_ids(base: nn.Module, model: nn.Module, length: int, offset: int = 0) -> torch.Tensor:
-    vocab = getattr(getattr(base, "config", None), "vocab_size", None) or 2
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+def _probe_ids(module: nn.Module, length: int, offset: int = 0) -> torch.Tensor:
+    """Fixed token ids within ``module``'s vocabulary, on its device."""
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None) or 2
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     return ((torch.arange(length, device=device) + offset) * 7919 % vocab).unsqueeze(0)
 
 
 def _agrees(model: nn.Module, plan: LabelTokenPlan, base: nn.Module) -> bool:
     """Both paths give the same logits on a fixed probe: a head that caps or scales its logits
     after the projection shows here even where a loss would not."""
-    ids = _probe_ids(base, model, _PROBE_TOKENS)
+    ids = _probe_ids(base, _PROBE_TOKENS)
     mask = torch.ones_like(ids)
     try:
         own = getattr(model(input_ids=ids, attention_mask=mask), "logits", None)
@@ -184,7 +185,7 @@ def _packs_like_padded(plan: LabelTokenPlan) -> bool:
     honours packed position ids (transformers' packed-sequence mask and rotary positions)."""
     body = plan.body
     short = _PROBE_TOKENS - 3
-    ids = torch.cat([_probe_ids(body, body, _PROBE_TOKENS), _probe_ids(body, body, _PROBE_TOKENS, offset=11)])
+    ids = torch.cat([_probe_ids(body, _PROBE_TOKENS), _probe_ids(body, _PROBE_TOKENS, offset=11)])
     mask = torch.ones_like(ids)
     mask[1, short:] = 0
     packed = pack_rows(ids, mask, torch.zeros_like(ids))

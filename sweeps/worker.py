@@ -35,7 +35,6 @@ class StepClock:
     train_s: float = 0.0
     eval_s: float = 0.0
     steps: int = 0
-    batches: int = 0
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -191,7 +190,6 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
             loss.backward()
             loss_value += float(loss.detach())
             clock.tokens += int(batch["attention_mask"].sum())
-            clock.batches += 1
         if spec.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trial.trainable_params, spec.train.max_grad_norm)
         optimizer.step()
@@ -211,7 +209,7 @@ def train_trial(trial: Trial, spec: Any, report: Report, *, rank: int, world: in
         clock.eval_s += time.perf_counter() - started
         metrics.update(_train_metrics(clock, done, world, device, trial.trainable, len(trial.train_loader)))
         if loss_module.plan is not None:  # causal LMs: how many of this worker's batches ran padding-free
-            metrics["packed_batch_share"] = loss_module.packed_batches / max(clock.batches, 1)
+            metrics["packed_batch_share"] = loss_module.packed_batches / max(clock.steps * spec.train.grad_accum, 1)
         if logger:
             logger.log_metrics(metrics, step=done)
         clock.losses.clear()
