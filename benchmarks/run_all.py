@@ -1,6 +1,6 @@
 """Run every benchmark (`make bench`) and print one combined summary.
 
-    .venv/bin/python -m benchmarks.run_all                  # engine, layers, bases, packing, sweep (about 30 min on 2 cores)
+    .venv/bin/python -m benchmarks.run_all                  # engine, layers, blocks, bases, packing, sweep (about 40 min on 2 cores)
     .venv/bin/python -m benchmarks.run_all --quick          # tiny models only: checks every script runs
     .venv/bin/python -m benchmarks.run_all --only engine,sweep
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from .common import mark
 
-BENCHMARKS = ("engine", "layers", "bases", "packing", "sweep")
+BENCHMARKS = ("engine", "layers", "blocks", "bases", "packing", "sweep")
 
 
 def _engine_summary(payload: dict[str, Any]) -> list[str]:
@@ -31,6 +31,12 @@ def _engine_summary(payload: dict[str, Any]) -> list[str]:
 
 def _layers_summary(payload: dict[str, Any]) -> list[str]:
     from .layers import summary_lines
+
+    return summary_lines(payload)
+
+
+def _blocks_summary(payload: dict[str, Any]) -> list[str]:
+    from .blocks import summary_lines
 
     return summary_lines(payload)
 
@@ -60,7 +66,7 @@ def _generic_summary(name: str) -> Callable[[dict[str, Any]], list[str]]:
 
 
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "engine": _engine_summary, "layers": _layers_summary, "sweep": _sweep_summary, "packing": _packing_summary, "bases": _generic_summary("bases")}
+    "engine": _engine_summary, "layers": _layers_summary, "blocks": _blocks_summary, "sweep": _sweep_summary, "packing": _packing_summary, "bases": _generic_summary("bases")}
 
 
 def main(argv: list[str] | None = None) -> int:

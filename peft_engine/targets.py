@@ -65,6 +65,17 @@ TARGET_PRESET_MODULES: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# Sibling modules that transformers' models call one after the other on the same input tensor:
+# LoRA computes such siblings together (peft_engine.tuners.lora.shared_input). A model where
+# they do not share an input (cross-attention's k/v) is detected at run time and runs them alone.
+SHARED_INPUT_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # llama, mistral, qwen2, gemma, opt, bart, gptj ...
+    ("gate_proj", "up_proj"),  # llama-family gated MLPs
+    ("query", "key", "value"),  # bert, roberta
+    ("q", "k", "v"),  # t5
+    ("wi_0", "wi_1"),  # t5 v1.1 gated MLP
+)
+
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 

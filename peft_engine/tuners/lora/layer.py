@@ -21,6 +21,7 @@ from ..base import AdapterLayer
 from . import dora, fused
 from .config import LoraConfig
 from .init import initialise
+from .shared_input import FusedOperands, SharedInputGroup
 
 
 class LoraLayer(AdapterLayer):
@@ -139,6 +140,8 @@ class Linear(LoraLayer):
         else:
             self.in_features = getattr(base_layer, "in_features", weight.shape[1])
             self.out_features = getattr(base_layer, "out_features", weight.shape[0])
+        # Set by ``shared_input.link_shared_inputs`` for siblings called on the same input (q/k/v).
+        self._shared_input: SharedInputGroup | None = None
 
     def create_factors(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -160,13 +163,30 @@ class Linear(LoraLayer):
         return super()._active_forward(x, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Base and adapter as one autograd node (see :mod:`.fused`), or None to take the general path.
+        """Base and adapter as one autograd node (see :mod:`.fused`), with the siblings that read the
+        same input where there are any (see :mod:`.shared_input`), or None to take the general path."""
+        group = self._shared_input
+        if group is not None:
+            out = group.output(self, x)
+            if out is not None:
+                return out
+        ops = self.fused_operands(x)
+        if ops is None:
+            return None
+        if ops.magnitude is None:
+            return fused.lora_linear(x, ops.weight, ops.bias, ops.a, ops.b, ops.scaling, self.fan_in_fan_out)
+        return fused.dora_linear(x, ops.weight, ops.bias, ops.a, ops.b, ops.magnitude, ops.scaling, self.fan_in_fan_out)
 
-        Fused only in the plain case: one active adapter on a bare nn.Linear / Conv1D (not quantized,
-        not another adapter layer, no hooks), no dropout at work, one dtype throughout, no autocast.
-        Tensors are read from the module dicts directly: this runs for every layer of every step,
-        and ``nn.Module.__getattr__`` (behind our own fall-through one) costs microseconds a lookup.
+    def fused_operands(self, x: torch.Tensor) -> FusedOperands | None:
+        """The tensors of the fused forward on ``x``, or None where it does not apply.
+
+        Fused only in the plain case: one active, unmerged adapter on a bare nn.Linear / Conv1D (not
+        quantized, not another adapter layer, no hooks), no dropout at work, one dtype throughout, no
+        autocast. Tensors are read from the module dicts directly: this runs for every layer of every
+        step, and ``nn.Module.__getattr__`` (behind our own fall-through one) costs microseconds a lookup.
         """
+        if self.disable_adapters or self.merged_adapters or self.batch_adapter_names is not None:
+            return None
         modules = self._modules
         lora_a = modules["lora_A"]._modules
         names = [n for n in self.active_adapters if n in lora_a]
@@ -188,11 +208,11 @@ class Linear(LoraLayer):
         if torch.is_autocast_enabled(device.type) or (bias is not None and (bias.dtype, bias.device) != (dtype, device)):
             return None
         if not self.use_dora[name]:
-            return fused.lora_linear(x, weight, bias, a, b, self.scaling[name], self.fan_in_fan_out)
+            return FusedOperands(weight, bias, a, b, self.scaling[name], None)
         magnitude = modules["lora_magnitude_vector"]._modules[name]._parameters["weight"]
         if weight.requires_grad or magnitude.dtype != dtype or magnitude.shape != (self.out_features,):
             return None
-        return fused.dora_linear(x, weight, bias, a, b, magnitude, self.scaling[name], self.fan_in_fan_out)
+        return FusedOperands(weight, bias, a, b, self.scaling[name], magnitude)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[adapter_name].weight

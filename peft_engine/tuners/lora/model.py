@@ -9,7 +9,8 @@ import torch
 
 from ...quantization import create_quantized_lora_layer
 from ..base import BaseTuner, LayerFactory
-from .layer import LoraLayer, create_lora_layer
+from .layer import Linear, LoraLayer, create_lora_layer
+from .shared_input import link_shared_inputs
 
 
 class LoraModel(BaseTuner):
@@ -26,6 +27,10 @@ class LoraModel(BaseTuner):
             f"module {name!r} of type {type(target).__name__} is not supported by LoRA; "
             "allowed: Linear, Conv1D, Embedding, Conv1d, Conv2d, bitsandbytes Linear4bit / Linear8bitLt"
         )
+
+    def inject_adapter(self, adapter_name: str, config) -> None:  # type: ignore[override]
+        super().inject_adapter(adapter_name, config)
+        link_shared_inputs(self.model, Linear)
 
     @torch.no_grad()
     def add_weighted_adapter(
