@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -83,6 +84,29 @@ class Timings:
     def to_json(self) -> dict[str, Any]:
         return {name: {"median_s": median(xs), "samples_s": [round(x, 6) for x in xs]}
                 for name, xs in self.samples.items()}
+
+    def interval(self, statistic: Callable[[Timings], float | None], level: float = 0.9, draws: int = 2000,
+                 seed: int = 0) -> tuple[float, float] | None:
+        """A bootstrap interval of ``statistic`` over rounds (whole rounds resampled, so pairs stay paired).
+
+        Why: on two cores a round's floor drifts by as much as a small adapter's overhead, so a
+        ratio from a dozen rounds can land on either side of a goal; the interval says how far.
+        """
+        rounds = min((len(xs) for xs in self.samples.values()), default=0)
+        if rounds < 3:
+            return None
+        rng = random.Random(seed)
+        values = []
+        for _ in range(draws):
+            picks = [rng.randrange(rounds) for _ in range(rounds)]
+            value = statistic(Timings({n: [xs[i] for i in picks] for n, xs in self.samples.items()}))
+            if value is not None:
+                values.append(value)
+        if len(values) < draws // 2:
+            return None
+        values.sort()
+        tail = (1 - level) / 2
+        return values[int(tail * (len(values) - 1))], values[int((1 - tail) * (len(values) - 1))]
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int, device: Any = None,

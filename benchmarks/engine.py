@@ -325,7 +325,15 @@ def _train_summary(t: Timings) -> dict[str, Any]:
     ho, oo = s["hf_overhead_s"], s["ours_overhead_s"]
     # A ratio of overheads only means something when HF's overhead stands above the noise.
     s["overhead_ratio_vs_hf"] = oo / ho if ho is not None and oo is not None and ho > 0 else None
+    if "hf" in t.samples:  # 90% bootstrap intervals over rounds: how far the noise could move each ratio
+        s["ratio_vs_hf_interval"] = t.interval(lambda b: b.ratio("ours", "hf"))
+        s["overhead_ratio_vs_hf_interval"] = t.interval(_overhead_ratio)
     return s
+
+
+def _overhead_ratio(t: Timings) -> float | None:
+    ours, hf = t.paired_median("ours", "floor"), t.paired_median("hf", "floor")
+    return ours / hf if ours is not None and hf is not None and hf > 0 else None
 
 
 def _infer(models: dict[str, Any], base: torch.nn.Module, base_copy: torch.nn.Module,
@@ -418,11 +426,16 @@ def _one_line(r: dict[str, Any]) -> str:
 
 TABLE_COLUMNS = [
     ("row", "row"), ("ours", "ours s"), ("hf", "HF s"), ("ratio", "x HF"), ("g_total", "goal"),
-    ("floor", "floor s"), ("o_ovh", "ours ovh"), ("h_ovh", "HF ovh"), ("ovh_ratio", "ovh x HF"), ("g_ovh", "goal"),
+    ("floor", "floor s"), ("o_ovh", "ours ovh"), ("h_ovh", "HF ovh"), ("ovh_ratio", "ovh x HF"),
+    ("ovh_ci", "90% interval"), ("g_ovh", "goal"),
     ("unmerged", "unmerged x HF"), ("merged", "merged x base"), ("g_merged", "goal"), ("hf_merged", "HF merged x base"),
     ("aa_copy", "A/A copy x base"), ("aa_twin", "A/A twin x ours"),
     ("act", "act MB ours/HF"), ("loss_diff", "|dloss|"),
 ]
+
+
+def _interval(bounds: Any) -> str:
+    return f"[{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
 
 
 def table(model_result: dict[str, Any]) -> str:
@@ -435,10 +448,11 @@ def table(model_result: dict[str, Any]) -> str:
         um, mg = r.get("infer_unmerged", {}), r.get("infer_merged", {})
         ovh_goal = g.get("overhead_vs_hf")
         lines.append({
-            "row": r["row"], "ours": fmt(t["ours_s"]), "hf": fmt(t["hf_s"]), "ratio": fmt(t["ratio_vs_hf"], ".3f"),
+            "row": r["row"], "ours": fmt(t["ours_s"]), "hf": fmt(t["hf_s"]),
+            "ratio": fmt(t["ratio_vs_hf"], ".3f") + " " + _interval(t.get("ratio_vs_hf_interval")),
             "g_total": f"{mark(g['total_vs_hf'])} <={g['total_vs_hf']['limit']:.2f}",
             "floor": fmt(t["floor_s"]), "o_ovh": fmt(t["ours_overhead_s"]), "h_ovh": fmt(t["hf_overhead_s"]),
-            "ovh_ratio": fmt(t["overhead_ratio_vs_hf"], ".3f"),
+            "ovh_ratio": fmt(t["overhead_ratio_vs_hf"], ".3f"), "ovh_ci": _interval(t.get("overhead_ratio_vs_hf_interval")),
             "g_ovh": f"{mark(ovh_goal)} <={ovh_goal['limit']:.2f}" if ovh_goal else "",
             "unmerged": fmt(um.get("ours_vs_hf"), ".3f"), "merged": fmt(mg.get("ours_vs_base"), ".3f"),
             "hf_merged": fmt(mg.get("hf_vs_base"), ".3f"),
