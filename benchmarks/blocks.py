@@ -42,8 +42,17 @@ from .common import (
     set_threads,
     write_json,
 )
-from .engine import BATCH, PROMPT_METHODS, SEQ_LEN, Row, load_model, select_rows
-from .layers import _config, step_fn
+from .engine import (
+    BATCH,
+    PROMPT_METHODS,
+    SEQ_LEN,
+    Row,
+    format_interval,
+    load_model,
+    overhead_ratio_of,
+    select_rows,
+)
+from .layers import adapter_config, step_fn
 
 
 def shared_input_groups(model: nn.Module) -> list[Any]:
@@ -77,11 +86,11 @@ def first_block(model: nn.Module) -> tuple[OneBlock, int]:
 def run_row(block: OneBlock, count: int, row: Row, warmup: int, repeats: int) -> dict[str, Any]:
     targets = row.targets if isinstance(row.targets, str) else list(row.targets)
     floor = copy.deepcopy(block).requires_grad_(False)
-    ours = peft_engine.get_peft_model(copy.deepcopy(block), _config(row, targets))
+    ours = peft_engine.get_peft_model(copy.deepcopy(block), adapter_config(row, targets))
     perturb_trainable(ours)
     import peft
 
-    hf = peft.get_peft_model(copy.deepcopy(block), _config(row, targets, hf=True))
+    hf = peft.get_peft_model(copy.deepcopy(block), adapter_config(row, targets, hf=True))
     if not copy_trainable_by_name(ours, hf):
         peft.set_peft_model_state_dict(hf, peft_engine.get_peft_model_state_dict(ours))
     gen = torch.Generator().manual_seed(0)
@@ -103,10 +112,11 @@ def run_row(block: OneBlock, count: int, row: Row, warmup: int, repeats: int) ->
     t: Timings = interleaved(fns, warmup=warmup, repeats=repeats)
     ours_s, hf_s = t.paired_median("ours", "floor") * count, t.paired_median("hf", "floor") * count
     ratio = ours_s / hf_s if hf_s > 0 else None
+    interval = t.interval(overhead_ratio_of)
     out = {"row": row.name, "method": row.method, "blocks": count, "outputs_match": same,
            "floor_ms": t.median("floor") * 1e3, "ours_ms": t.median("ours") * 1e3, "hf_ms": t.median("hf") * 1e3,
            "model_ours_overhead_s": ours_s, "model_hf_overhead_s": hf_s, "overhead_ratio": ratio,
-           "shared_input_groups": len(groups), "timings": t.to_json()}
+           "overhead_ratio_interval": interval, "shared_input_groups": len(groups), "timings": t.to_json()}
     if groups:
         out["model_ours_alone_overhead_s"] = t.paired_median("ours_alone", "floor") * count
     if row.overhead_goal:
@@ -159,12 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = write_json(args.name or ("blocks_quick" if args.quick else "blocks"), payload,
                       command=command_line("benchmarks.blocks", argv))
     table = [{"row": r["row"], "ours": fmt(r["model_ours_overhead_s"]), "hf": fmt(r["model_hf_overhead_s"]),
-              "ratio": fmt(r["overhead_ratio"], ".2f"), "goal": mark(r.get("goal")),
-              "alone": fmt(r.get("model_ours_alone_overhead_s")),
+              "ratio": fmt(r["overhead_ratio"], ".2f"), "interval": format_interval(r["overhead_ratio_interval"]),
+              "goal": mark(r.get("goal")), "alone": fmt(r.get("model_ours_alone_overhead_s")),
               "match": "yes" if r["outputs_match"] else "NO"} for r in results]
     print(f"\nAdapter overhead per training step over {label}'s {count} blocks (s; paired medians of block 0 x {count})")
     print(format_table(table, [("row", "row"), ("ours", "ours s"), ("hf", "HF s"), ("ratio", "ours/HF"),
-                               ("goal", "overhead goal"), ("alone", "ours, siblings one by one s"),
+                               ("interval", "90% interval"), ("goal", "overhead goal"), ("alone", "ours, siblings one by one s"),
                                ("match", "outputs match")]))
     print("\n" + "\n".join(summary_lines(payload)))
     print(f"results: {path}")

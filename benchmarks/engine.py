@@ -327,11 +327,11 @@ def _train_summary(t: Timings) -> dict[str, Any]:
     s["overhead_ratio_vs_hf"] = oo / ho if ho is not None and oo is not None and ho > 0 else None
     if "hf" in t.samples:  # 90% bootstrap intervals over rounds: how far the noise could move each ratio
         s["ratio_vs_hf_interval"] = t.interval(lambda b: b.ratio("ours", "hf"))
-        s["overhead_ratio_vs_hf_interval"] = t.interval(_overhead_ratio)
+        s["overhead_ratio_vs_hf_interval"] = t.interval(overhead_ratio_of)
     return s
 
 
-def _overhead_ratio(t: Timings) -> float | None:
+def overhead_ratio_of(t: Timings) -> float | None:
     ours, hf = t.paired_median("ours", "floor"), t.paired_median("hf", "floor")
     return ours / hf if ours is not None and hf is not None and hf > 0 else None
 
@@ -434,7 +434,7 @@ TABLE_COLUMNS = [
 ]
 
 
-def _interval(bounds: Any) -> str:
+def format_interval(bounds: Any) -> str:
     return f"[{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
 
 
@@ -449,10 +449,10 @@ def table(model_result: dict[str, Any]) -> str:
         ovh_goal = g.get("overhead_vs_hf")
         lines.append({
             "row": r["row"], "ours": fmt(t["ours_s"]), "hf": fmt(t["hf_s"]),
-            "ratio": fmt(t["ratio_vs_hf"], ".3f") + " " + _interval(t.get("ratio_vs_hf_interval")),
+            "ratio": fmt(t["ratio_vs_hf"], ".3f") + " " + format_interval(t.get("ratio_vs_hf_interval")),
             "g_total": f"{mark(g['total_vs_hf'])} <={g['total_vs_hf']['limit']:.2f}",
             "floor": fmt(t["floor_s"]), "o_ovh": fmt(t["ours_overhead_s"]), "h_ovh": fmt(t["hf_overhead_s"]),
-            "ovh_ratio": fmt(t["overhead_ratio_vs_hf"], ".3f"), "ovh_ci": _interval(t.get("overhead_ratio_vs_hf_interval")),
+            "ovh_ratio": fmt(t["overhead_ratio_vs_hf"], ".3f"), "ovh_ci": format_interval(t.get("overhead_ratio_vs_hf_interval")),
             "g_ovh": f"{mark(ovh_goal)} <={ovh_goal['limit']:.2f}" if ovh_goal else "",
             "unmerged": fmt(um.get("ours_vs_hf"), ".3f"), "merged": fmt(mg.get("ours_vs_base"), ".3f"),
             "hf_merged": fmt(mg.get("hf_vs_base"), ".3f"),

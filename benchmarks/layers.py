@@ -46,7 +46,7 @@ class OneLayer(nn.Module):
 
 def target_layers(model: nn.Module, row: Row) -> dict[str, tuple[nn.Module, int]]:
     """The row's target layers by short name: layer 0's module and how many blocks have one."""
-    probe = peft_engine.get_peft_model(copy.deepcopy(model), _config(row, row.targets))
+    probe = peft_engine.get_peft_model(copy.deepcopy(model), adapter_config(row, row.targets))
     found: dict[str, tuple[nn.Module, int]] = {}
     for name, module in probe.named_modules():
         if isinstance(module, peft_engine.tuners.base.AdapterLayer):
@@ -56,7 +56,7 @@ def target_layers(model: nn.Module, row: Row) -> dict[str, tuple[nn.Module, int]
     return found
 
 
-def _config(row: Row, targets: Any, *, hf: bool = False) -> Any:
+def adapter_config(row: Row, targets: Any, *, hf: bool = False) -> Any:
     spec = peft_engine.get_method(row.method)
     kwargs = {**row.kwargs, "task_type": None, "target_modules": targets}
     if "feedforward_modules" in kwargs and isinstance(targets, list):  # IA3: keep only listed layers
@@ -88,11 +88,11 @@ def run_layer(row: Row, short: str, layer: nn.Module, warmup: int, repeats: int)
     from .common import copy_trainable_by_name, perturb_trainable
 
     floor = OneLayer(short, copy.deepcopy(layer)).requires_grad_(False)
-    ours = peft_engine.get_peft_model(OneLayer(short, copy.deepcopy(layer)), _config(row, [short]))
+    ours = peft_engine.get_peft_model(OneLayer(short, copy.deepcopy(layer)), adapter_config(row, [short]))
     perturb_trainable(ours)
     import peft
 
-    hf = peft.get_peft_model(OneLayer(short, copy.deepcopy(layer)), _config(row, [short], hf=True))
+    hf = peft.get_peft_model(OneLayer(short, copy.deepcopy(layer)), adapter_config(row, [short], hf=True))
     if not copy_trainable_by_name(ours, hf):
         peft.set_peft_model_state_dict(hf, peft_engine.get_peft_model_state_dict(ours))
     ours.train()
