@@ -104,9 +104,8 @@ class SharedInputGroup:
         return outputs[index]
 
 
-def link_shared_inputs(model: nn.Module, layer_type: type[Linear]) -> int:
-    """Group sibling ``layer_type`` layers named in ``SHARED_INPUT_SIBLINGS``; returns how many groups."""
-    groups = 0
+def link_shared_inputs(model: nn.Module, layer_type: type[Linear]) -> None:
+    """Group sibling ``layer_type`` layers (on plain nn.Linear bases) named in ``SHARED_INPUT_SIBLINGS``."""
     for parent in model.modules():
         children = parent._modules
         for names in SHARED_INPUT_SIBLINGS:
@@ -118,8 +117,6 @@ def link_shared_inputs(model: nn.Module, layer_type: type[Linear]) -> int:
                 group = SharedInputGroup(members)
                 for m in members:
                     m._shared_input = group
-                groups += 1
-    return groups
 
 
 def _forward(x2: torch.Tensor, a_cat: torch.Tensor, weights: Sequence[torch.Tensor],
