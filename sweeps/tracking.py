@@ -77,6 +77,7 @@ class SweepTracker:
         existing = self.find_run(**{SWEEP_TAG: sweep_id, "peft_sweeps.kind": "sweep"})
         if existing:
             self.client.update_run(existing, status="RUNNING")
+            self._log_missing_params(existing, params)
             return existing
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             SWEEP_TAG: sweep_id, "peft_sweeps.kind": "sweep", "git_commit": git_commit(), **(tags or {})})
@@ -93,6 +94,7 @@ class SweepTracker:
         existing = self.find_run(**{SWEEP_TAG: sweep_id, TRIAL_TAG: trial_id})
         if existing:
             self.client.update_run(existing, status="RUNNING")
+            self._log_missing_params(existing, params)
             return existing
         run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
             PARENT_TAG: parent_run_id, SWEEP_TAG: sweep_id, TRIAL_TAG: trial_id, "peft_sweeps.kind": "trial"})
@@ -103,6 +105,14 @@ class SweepTracker:
         from mlflow.entities import Param
 
         self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+
+    def _log_missing_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params a found-again run lacks: a driver killed between ``create_run`` and logging them
+        left the run without them (MLflow has no atomic create-with-params)."""
+        logged = self.client.get_run(run_id).data.params
+        missing = {k: v for k, v in params.items() if k not in logged}
+        if missing:
+            self._log_params(run_id, missing)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
