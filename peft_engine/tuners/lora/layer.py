@@ -174,16 +174,15 @@ class Linear(LoraLayer):
         if ops is None:
             return None
         if ops.magnitude is None:
-            return fused.lora_linear(x, ops.weight, ops.bias, ops.a, ops.b, ops.scaling, self.fan_in_fan_out,
-                                     ops.dropout)
+            return fused.lora_linear(x, ops.weight, ops.bias, ops.a, ops.b, ops.scaling, self.fan_in_fan_out)
         return fused.dora_linear(x, ops.weight, ops.bias, ops.a, ops.b, ops.magnitude, ops.scaling, self.fan_in_fan_out)
 
     def fused_operands(self, x: torch.Tensor) -> FusedOperands | None:
         """The tensors of the fused forward on ``x``, or None where it does not apply.
 
         Fused only in the plain case: one active, unmerged adapter on a bare nn.Linear / Conv1D (not
-        quantized, not another adapter layer, no hooks), one dtype throughout, no autocast, and for DoRA
-        no dropout at work (LoRA's dropout runs inside the fused node). Tensors are read from the module dicts directly: this runs for every layer of every
+        quantized, not another adapter layer, no hooks), no dropout at work, one dtype throughout, no
+        autocast. Tensors are read from the module dicts directly: this runs for every layer of every
         step, and ``nn.Module.__getattr__`` (behind our own fall-through one) costs microseconds a lookup.
         """
         if self.disable_adapters or self.merged_adapters or self.batch_adapter_names is not None:
@@ -198,8 +197,7 @@ class Linear(LoraLayer):
         if type(base) not in _LINEAR_TYPES or base._forward_hooks or base._forward_pre_hooks or _global_hooks():
             return None
         dropout = modules["lora_dropout"]._modules[name]
-        p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
-        if type(dropout) not in (nn.Dropout, nn.Identity):  # a user's own module: run it as written
+        if dropout.training and getattr(dropout, "p", 0.0) > 0:
             return None
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
         a = lora_a[name]._parameters["weight"]
@@ -210,11 +208,11 @@ class Linear(LoraLayer):
         if torch.is_autocast_enabled(device.type) or (bias is not None and (bias.dtype, bias.device) != (dtype, device)):
             return None
         if not self.use_dora[name]:
-            return FusedOperands(weight, bias, a, b, self.scaling[name], None, p)
+            return FusedOperands(weight, bias, a, b, self.scaling[name], None)
         magnitude = modules["lora_magnitude_vector"]._modules[name]._parameters["weight"]
-        if p > 0 or weight.requires_grad or magnitude.dtype != dtype or magnitude.shape != (self.out_features,):
+        if weight.requires_grad or magnitude.dtype != dtype or magnitude.shape != (self.out_features,):
             return None
-        return FusedOperands(weight, bias, a, b, self.scaling[name], magnitude, 0.0)
+        return FusedOperands(weight, bias, a, b, self.scaling[name], magnitude)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[adapter_name].weight

@@ -49,17 +49,14 @@ class FusedOperands(NamedTuple):
     b: torch.Tensor
     scaling: float
     magnitude: torch.Tensor | None  # DoRA's, else None
-    dropout: float  # LoRA dropout's probability in force (0 outside training)
 
     def same_as(self, other: FusedOperands) -> bool:
         return (self.weight is other.weight and self.bias is other.bias and self.a is other.a
-                and self.b is other.b and self.scaling == other.scaling and self.magnitude is other.magnitude
-                and self.dropout == other.dropout)
+                and self.b is other.b and self.scaling == other.scaling and self.magnitude is other.magnitude)
 
 
 def _groupable(ops: FusedOperands | None) -> bool:
-    # Each member's dropout draws its own mask, so members with dropout cannot share ``x A^T``.
-    return (ops is not None and ops.magnitude is None and ops.dropout == 0 and not ops.weight.requires_grad
+    return (ops is not None and ops.magnitude is None and not ops.weight.requires_grad
             and (ops.bias is None or not ops.bias.requires_grad))
 
 
