@@ -332,6 +332,7 @@ def _train_summary(t: Timings) -> dict[str, Any]:
 
 
 def overhead_ratio_of(t: Timings) -> float | None:
+    """Ours' overhead over the floor / HF PEFT's, each a paired median (None where HF's is not above 0)."""
     ours, hf = t.paired_median("ours", "floor"), t.paired_median("hf", "floor")
     return ours / hf if ours is not None and hf is not None and hf > 0 else None
 
@@ -435,6 +436,7 @@ TABLE_COLUMNS = [
 
 
 def format_interval(bounds: Any) -> str:
+    """``[lo, hi]`` for the table, or nothing where no interval was computed."""
     return f"[{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ...config import PeftConfig
 from ...quantization import create_quantized_lora_layer
 from ..base import BaseTuner, LayerFactory
 from .layer import Linear, LoraLayer, create_lora_layer
@@ -28,7 +29,7 @@ class LoraModel(BaseTuner):
             "allowed: Linear, Conv1D, Embedding, Conv1d, Conv2d, bitsandbytes Linear4bit / Linear8bitLt"
         )
 
-    def inject_adapter(self, adapter_name: str, config) -> None:  # type: ignore[override]
+    def inject_adapter(self, adapter_name: str, config: PeftConfig) -> None:
         super().inject_adapter(adapter_name, config)
         link_shared_inputs(self.model, Linear)
 
