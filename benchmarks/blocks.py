@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import peft_engine
+from peft_engine.tuners.lora.shared_input import groups_in
 
 from .common import (
     Timings,
@@ -52,12 +53,7 @@ from .engine import (
     overhead_ratio_of,
     select_rows,
 )
-from .layers import adapter_config, step_fn
-
-
-def shared_input_groups(model: nn.Module) -> list[Any]:
-    """LoRA's groups of siblings computed together (peft_engine/tuners/lora/shared_input.py)."""
-    return list({id(g): g for m in model.modules() if (g := getattr(m, "_shared_input", None)) is not None}.values())
+from .layers import adapter_config, overhead_parser, step_fn
 
 
 class OneBlock(nn.Module):
@@ -100,10 +96,10 @@ def run_row(block: OneBlock, count: int, row: Row, warmup: int, repeats: int) ->
     for m in (ours, hf, floor):
         m.train()  # methods train differently from how they infer; Llama blocks have no dropout at 0.0
     fns = {"ours": step_fn(ours, x, grad), "hf": step_fn(hf, x, grad), "floor": step_fn(floor, x, grad)}
-    groups = shared_input_groups(ours) if row.method == "lora" else []  # DoRA's siblings run one by one anyway
+    groups = groups_in(ours) if row.method == "lora" else []  # DoRA's siblings run one by one anyway
     if groups:  # the same adapter with its siblings run one by one: what sharing their input saves
         alone = copy.deepcopy(ours)
-        for group in shared_input_groups(alone):
+        for group in groups_in(alone):
             group.enabled = False
         fns["ours_alone"] = step_fn(alone, x, grad)
     with torch.no_grad():
@@ -125,18 +121,7 @@ def run_row(block: OneBlock, count: int, row: Row, warmup: int, repeats: int) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.blocks", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"], help="whose block (default smollm2)")
-    p.add_argument("--rows", default=None, help="comma list of engine rows or methods (default: every "
-                                                "weight-adapting row)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed rounds per row")
-    p.add_argument("--repeats", type=int, default=100, help="timed rounds per row")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable CPUs)")
-    p.add_argument("--name", default=None, help="results file name under benchmarks/results/ (default blocks, "
-                                                "or blocks_quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="the tiny model's block, 1 warmup + 5 rounds: checks it runs")
-    return p
+    return overhead_parser("benchmarks.blocks", __doc__, "block", warmup=10, repeats=100)
 
 
 def summary_lines(payload: dict[str, Any]) -> list[str]:

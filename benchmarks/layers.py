@@ -131,19 +131,25 @@ def run_row(model: nn.Module, row: Row, warmup: int, repeats: int) -> dict[str, 
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__.split("\n\n")[0],
+def overhead_parser(prog: str, doc: str, unit: str, warmup: int, repeats: int) -> argparse.ArgumentParser:
+    """The command line the per-layer and per-block benchmarks share; ``unit`` names what one is timed on."""
+    name = prog.rsplit(".", 1)[-1]
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"], help="whose layers (default smollm2)")
+    p.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"], help=f"whose {unit} (default smollm2)")
     p.add_argument("--rows", default=None, help="comma list of engine rows or methods (default: every "
                                                 "weight-adapting row)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed rounds per layer")
-    p.add_argument("--repeats", type=int, default=40, help="timed rounds per layer")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds per {unit}")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds per {unit}")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable CPUs)")
-    p.add_argument("--name", default=None, help="results file name under benchmarks/results/ (default layers, "
-                                                "or layers_quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="the tiny model's layers, 1 warmup + 5 rounds: checks it runs")
+    p.add_argument("--name", default=None, help=f"results file name under benchmarks/results/ (default {name}, "
+                                                f"or {name}_quick with --quick)")
+    p.add_argument("--quick", action="store_true", help=f"the tiny model's {unit}, 1 warmup + 5 rounds: checks it runs")
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return overhead_parser("benchmarks.layers", __doc__, "layer", warmup=5, repeats=40)
 
 
 def summary_lines(payload: dict[str, Any]) -> list[str]:

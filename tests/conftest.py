@@ -200,6 +200,17 @@ def make_model() -> Callable[..., nn.Module]:
 FACTOR_KEYS = ["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"]
 
 
+def output_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One backward of a fixed non-uniform output gradient: the output and every trainable tensor's
+    gradient (``"x"``: the input's), to compare two implementations of one layer."""
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads["x"] = x.grad
+    return out.detach(), grads
+
+
 @torch.no_grad()
 def perturb_adapters(model: nn.Module, seed: int = 123, scale: float = 0.3) -> None:
     """Give every trainable tensor fixed random values, so adapters are far from their (often no-op) init.

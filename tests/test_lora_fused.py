@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import peft_engine as pe
 from peft_engine.tuners.lora import fused
-from tests.conftest import assert_close, perturb_adapters
+from tests.conftest import assert_close, output_and_grads, perturb_adapters
 
 
 class _Net(nn.Module):
@@ -50,15 +50,6 @@ def _pair(kind: str, bias: bool, **kwargs):
     return model, reference
 
 
-def _grads(model, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    grads["x"] = x.grad
-    return out.detach(), grads
-
-
 CASES = [(kind, bias, dora) for kind in ("linear", "conv1d") for bias in (True, False) for dora in (False, True)
          if kind == "linear" or bias]
 
@@ -74,8 +65,8 @@ def test_fused_outputs_and_gradients_equal_general_path(kind, bias, dora, train_
         if train_base != "none":
             getattr(base, train_base).requires_grad_(True)
     x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(3))
-    out, grads = _grads(model, x)
-    ref_out, ref_grads = _grads(reference, x)
+    out, grads = output_and_grads(model, x)
+    ref_out, ref_grads = output_and_grads(reference, x)
     atol = 1e-5
     assert_close(out, ref_out, atol, "output")
     assert grads.keys() == ref_grads.keys()
@@ -120,9 +111,9 @@ def test_two_active_adapters_and_dora_fall_back_and_agree():
     assert_close(model(x), reference(x), 1e-5, "two active adapters")
     model.base_model.set_adapter("other")
     reference.base_model.set_adapter("other")
-    out, grads = _grads(model, x)
+    out, grads = output_and_grads(model, x)
     assert type(model(x).grad_fn).__name__.startswith("_DoraLinear")
-    ref_out, ref_grads = _grads(reference, x)
+    ref_out, ref_grads = output_and_grads(reference, x)
     assert_close(out, ref_out, 1e-5, "dora output")
     for name in grads:
         assert_close(grads[name], ref_grads[name], 1e-5, name)

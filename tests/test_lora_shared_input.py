@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 import peft_engine as pe
-from peft_engine.tuners.lora.shared_input import SharedInputGroup
+from peft_engine.tuners.lora.shared_input import groups_in
 from tests.conftest import (
     assert_close,
     hf_config,
     input_ids,
+    output_and_grads,
     perturb_adapters,
     tiny_bart,
     tiny_llama,
@@ -43,31 +44,17 @@ class _Attention(nn.Module):
         return out + self.v_proj(kv_input) if self.call_v else out
 
 
-def _groups(model: nn.Module) -> list[SharedInputGroup]:
-    found = {id(m._shared_input): m._shared_input for m in model.modules() if getattr(m, "_shared_input", None)}
-    return list(found.values())
-
-
 def _ungrouped(model: nn.Module) -> nn.Module:
     reference = copy.deepcopy(model)
-    for group in _groups(reference):
+    for group in groups_in(reference):
         group.enabled = False
     return reference
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    grads["x"] = x.grad
-    return out.detach(), grads
-
-
 def _assert_same_step(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
     """Same outputs and gradients up to float32 rounding (the toy model's outputs reach ~100)."""
-    out, grads = _step(model, x)
-    ref_out, ref_grads = _step(reference, x)
+    out, grads = output_and_grads(model, x)
+    ref_out, ref_grads = output_and_grads(reference, x)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
@@ -97,7 +84,7 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_grouped_step_equals_one_layer_at_a_time(monkeypatch):
     model = _adapted(_Attention(), rank_pattern={"k_proj": 5}, alpha_pattern={"v_proj": 2}, use_rslora=True)
     model.train()
-    (group,) = _groups(model)
+    (group,) = groups_in(model)
     assert [m.out_features for m in group.members] == [8, 4, 4]
     calls = _calls(monkeypatch)
     x = torch.randn(2, 3, 12)
@@ -114,7 +101,7 @@ def test_llama_training_step_equals_hf_peft(targets, monkeypatch):
     perturb_adapters(ours)
     hf = peft.get_peft_model(tiny_llama(), hf_config(config))
     peft.set_peft_model_state_dict(hf, pe.get_peft_model_state_dict(ours))
-    assert len(_groups(ours)) == 2 * (2 if "gate_proj" in targets else 1)  # per block: q/k/v (or q/v), gate/up
+    assert len(groups_in(ours)) == 2 * (2 if "gate_proj" in targets else 1)  # per block: q/k/v (or q/v), gate/up
     calls = _calls(monkeypatch)
     ids = input_ids()
     losses, grads = [], []
@@ -124,7 +111,7 @@ def test_llama_training_step_equals_hf_peft(targets, monkeypatch):
         loss.backward()
         losses.append(loss.detach())
         grads.append({n.replace(".default", ""): p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert len(calls) == len(_groups(ours))
+    assert len(calls) == len(groups_in(ours))
     assert_close(losses[0], losses[1], 1e-5, "loss")
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
@@ -149,7 +136,7 @@ def test_gradient_checkpointing_recomputes_grouped(monkeypatch):
         assert_close(losses[0], loss, 1e-5, "loss")
         for name, g in grad.items():
             assert_close(grads[0][name], g, 1e-5, f"grad of {name}")
-    assert all(g.enabled for g in _groups(model))
+    assert all(g.enabled for g in groups_in(model))
 
 
 @pytest.mark.parametrize("module", [_Attention(cross=True), _Attention(call_v=False)], ids=["cross-input", "member-not-called"])
@@ -157,7 +144,7 @@ def test_siblings_that_do_not_share_an_input_switch_the_group_off(module, monkey
     model = _adapted(module)
     model.train()
     reference = _ungrouped(model)
-    (group,) = _groups(model)
+    (group,) = groups_in(model)
     calls = _calls(monkeypatch)
     x = torch.randn(2, 3, 12)
     for _ in range(3):  # outputs and gradients stay right before, while and after the group gives up
@@ -186,7 +173,7 @@ def test_encoder_decoder_cross_attention_trains_right(model_fn):
     assert_close(results[0][0], results[1][0], 1e-5, "loss")
     for name, grad in results[0][1].items():
         assert_close(grad, results[1][1][name], 1e-5, f"grad of {name}")
-    groups = _groups(model)
+    groups = groups_in(model)
     assert any(g.enabled for g in groups) and not all(g.enabled for g in groups)  # self-attention keeps grouping
 
 
@@ -195,7 +182,7 @@ def test_non_plain_cases_run_one_layer_at_a_time(case, monkeypatch):
     kwargs = {"lora_dropout": 0.5} if case == "dropout" else {"use_dora": True} if case == "dora" else {}
     model = _adapted(_Attention(), **kwargs)
     model.train()
-    layers = _groups(model)[0].members
+    layers = groups_in(model)[0].members
     if case == "hook":
         layers[1].base_layer.register_forward_hook(lambda *args: None)
     if case in ("two_adapters", "mixed_batch"):
@@ -221,7 +208,7 @@ def test_member_whose_adapter_changed_after_the_group_ran_computes_alone():
     model = _adapted(_Attention())
     model.add_adapter("other", pe.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=2, init_lora_weights=False))
     model.train()
-    q, k, _ = _groups(model)[0].members
+    q, k, _ = groups_in(model)[0].members
     x = torch.randn(2, 3, 12, requires_grad=True)
     q(x)  # computes and keeps k's and v's outputs with adapter "default"
     k.set_adapter("other")
@@ -232,9 +219,9 @@ def test_member_whose_adapter_changed_after_the_group_ran_computes_alone():
 def test_copies_and_pickles_drop_outputs_in_flight():
     model = _adapted(_Attention())
     model.train()
-    q = _groups(model)[0].members[0]
+    q = groups_in(model)[0].members[0]
     q(torch.randn(2, 3, 12, requires_grad=True))  # k and v's outputs are now kept, holding graph tensors
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        (group,) = _groups(clone)
+        (group,) = groups_in(clone)
         assert group._pending is None and group.members[0] is clone.base_model.model.q_proj
         _assert_same_step(clone, _ungrouped(model), torch.randn(2, 3, 12))

@@ -119,6 +119,12 @@ def link_shared_inputs(model: nn.Module, layer_type: type[Linear]) -> None:
                     m._shared_input = group
 
 
+def groups_in(model: nn.Module) -> list[SharedInputGroup]:
+    """The model's sibling groups, each once (to inspect them or switch them off)."""
+    found = {id(g): g for m in model.modules() if (g := getattr(m, "_shared_input", None)) is not None}
+    return list(found.values())
+
+
 def _forward(x2: torch.Tensor, a_cat: torch.Tensor, weights: Sequence[torch.Tensor],
              biases: Sequence[torch.Tensor | None], bs: Sequence[torch.Tensor],
              scalings: Sequence[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
