@@ -129,13 +129,11 @@ def _forward(x2: torch.Tensor, a_cat: torch.Tensor, weights: Sequence[torch.Tens
              biases: Sequence[torch.Tensor | None], bs: Sequence[torch.Tensor],
              scalings: Sequence[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     h = F.linear(x2, a_cat)
-    outs, start = [], 0
-    for w, bias, b, s in zip(weights, biases, bs, scalings):
+    outs = []
+    for w, bias, b, s, h_i in zip(weights, biases, bs, scalings, h.split([b.shape[1] for b in bs], dim=1)):
         y = F.linear(x2, w, bias)
-        end = start + b.shape[1]
-        y.addmm_(h[:, start:end], b.t(), alpha=s)
+        y.addmm_(h_i, b.t(), alpha=s)
         outs.append(y)
-        start = end
     return h, outs
 
 
@@ -163,34 +161,37 @@ class _SharedInputLora(torch.autograd.Function):
         weights, bs = rest[:n], rest[n:]
         needs = ctx.needs_input_grad
         need_a, need_b = needs[2 + 2 * n:2 + 3 * n], needs[2 + 3 * n:]
+        ranks = [b.shape[1] for b in bs]
         grad_as: list[torch.Tensor | None] = [None] * n
         grad_bs: list[torch.Tensor | None] = [None] * n
-        ends = [sum(b.shape[1] for b in bs[:i + 1]) for i in range(n)]
-        rows = [slice(end - b.shape[1], end) for end, b in zip(ends, bs)]  # member i's ranks in a_cat / h
         used = [i for i in range(n) if grads[i] is not None]
         dys = {i: grads[i].reshape(-1, grads[i].shape[-1]) for i in used}
-        for i in used:
-            if need_b[i]:  # beta=0: ``b`` only gives the shape
-                grad_bs[i] = torch.addmm(bs[i], dys[i].t(), h[:, rows[i]], beta=0, alpha=scalings[i])
+        if any(need_b):
+            hs = h.split(ranks, dim=1)
+            for i in used:
+                if need_b[i]:  # beta=0: ``b`` only gives the shape
+                    grad_bs[i] = torch.addmm(bs[i], dys[i].t(), hs[i], beta=0, alpha=scalings[i])
+        if not (needs[0] or any(need_a)):
+            return (None, None, *([None] * (2 * n)), *grad_as, *grad_bs)
+        # G = [s_i dy_i B_i] over the used members, (tokens, their ranks), with A over the same ranks.
+        # One scaling for all (the usual config) is applied as the GEMMs' alpha, not as a pass over G.
+        shared = all(scalings[i] == scalings[used[0]] for i in used)
+        alpha = scalings[used[0]] if shared else 1.0
+        parts = [torch.mm(dys[i], bs[i]) if shared else torch.mm(dys[i], bs[i]).mul_(scalings[i]) for i in used]
+        g = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        a_used = a_cat if len(used) == n else torch.cat([part for i, part in enumerate(a_cat.split(ranks)) if i in used])
         grad_x = None
-        if needs[0] or any(need_a):
-            # G = [s_i dy_i B_i] over the used members, (tokens, their ranks); A over the same ranks.
-            g = torch.cat([torch.mm(dys[i], bs[i]).mul_(scalings[i]) for i in used], dim=1)
-            a_used = a_cat if len(used) == n else torch.cat([a_cat[rows[i]] for i in used])
         if needs[0]:
             grad_x = torch.mm(dys[used[0]], weights[used[0]])
             for i in used[1:]:
                 grad_x.addmm_(dys[i], weights[i])
-            grad_x.addmm_(g, a_used)
+            grad_x.addmm_(g, a_used, alpha=alpha)
             grad_x = grad_x.view(ctx.x_shape)
-        if any(need_a):
-            grad_a_used = torch.mm(g.t(), x2)
-            start = 0
-            for i in used:
-                r = bs[i].shape[1]
+        if any(need_a):  # beta=0: ``a_used`` only gives the shape
+            grad_a_used = torch.addmm(a_used, g.t(), x2, beta=0, alpha=alpha)
+            for i, grad_a in zip(used, grad_a_used.split([ranks[i] for i in used])):
                 if need_a[i]:
-                    grad_as[i] = grad_a_used[start:start + r]
-                start += r
+                    grad_as[i] = grad_a
         return (grad_x, None, *([None] * (2 * n)), *grad_as, *grad_bs)
 
 
