@@ -59,9 +59,12 @@ def median(values: Sequence[float]) -> float | None:
 
 @dataclass
 class Timings:
-    """Seconds per call of each named function, in the order the repeats ran."""
+    """Seconds per call of each named function, in the order the repeats ran, and the minor page
+    faults each call took (on CPU a fresh page costs a few microseconds to map and zero, and
+    which side pays them moves a step by tenths of a second: see README, "Page faults")."""
 
     samples: dict[str, list[float]] = field(default_factory=dict)
+    faults: dict[str, list[int]] = field(default_factory=dict)
 
     def median(self, name: str) -> float | None:
         return median(self.samples.get(name, []))
@@ -81,8 +84,12 @@ class Timings:
         m = median(xs)
         return (max(xs) - min(xs)) / m if xs and m else None
 
+    def median_faults(self, name: str) -> float | None:
+        return median(self.faults.get(name, []))
+
     def to_json(self) -> dict[str, Any]:
-        return {name: {"median_s": median(xs), "samples_s": [round(x, 6) for x in xs]}
+        return {name: {"median_s": median(xs), "samples_s": [round(x, 6) for x in xs],
+                       "median_minor_faults": self.median_faults(name), "minor_faults": self.faults.get(name, [])}
                 for name, xs in self.samples.items()}
 
     def interval(self, statistic: Callable[[Timings], float | None], level: float = 0.9, draws: int = 2000,
@@ -121,16 +128,23 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: i
         for name in names:
             fns[name]()
         synchronize(device)
-    timings = Timings({name: [] for name in names})
+    timings = Timings({name: [] for name in names}, {name: [] for name in names})
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)] if rotate else names
         for name in order:
             synchronize(device)
+            faults = minor_faults()
             started = time.perf_counter()
             fns[name]()
             synchronize(device)
             timings.samples[name].append(time.perf_counter() - started)
+            timings.faults[name].append(minor_faults() - faults)
     return timings
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages mapped fresh, without disk I/O)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ----------------------------------------------------------------------------- memory

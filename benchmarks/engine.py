@@ -319,7 +319,8 @@ def _train_summary(t: Timings) -> dict[str, Any]:
     s: dict[str, Any] = {"timings": t.to_json(), "ours_s": t.median("ours"), "hf_s": t.median("hf"),
                          "floor_s": t.median("floor"), "ratio_vs_hf": t.ratio("ours", "hf"),
                          "ours_overhead_s": t.paired_median("ours", "floor"),
-                         "hf_overhead_s": t.paired_median("hf", "floor"), "spread_ours": t.spread("ours")}
+                         "hf_overhead_s": t.paired_median("hf", "floor"), "spread_ours": t.spread("ours"),
+                         "minor_faults_per_step": {name: t.median_faults(name) for name in t.samples}}
     if "ours_twin" in t.samples:
         s["twin_vs_ours"] = t.ratio("ours_twin", "ours")
     ho, oo = s["hf_overhead_s"], s["ours_overhead_s"]
@@ -421,8 +422,9 @@ def _one_line(r: dict[str, Any]) -> str:
     if r.get("status") != "ok":
         return f"{r['row']}: {r.get('status')} {'; '.join(r.get('notes', []))}"
     t = r["train"]
+    faults = "/".join(fmt(t["minor_faults_per_step"].get(k), ".0f") for k in ("ours", "hf", "floor"))
     return (f"ours {fmt(t['ours_s'])} s  HF {fmt(t['hf_s'])} s  floor {fmt(t['floor_s'])} s  "
-            f"ratio {fmt(t['ratio_vs_hf'], '.3f')}  ({r['wall_s']:.0f} s)")
+            f"ratio {fmt(t['ratio_vs_hf'], '.3f')}  page faults/step ours/HF/floor {faults}  ({r['wall_s']:.0f} s)")
 
 
 TABLE_COLUMNS = [
