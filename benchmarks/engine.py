@@ -29,7 +29,9 @@ deep copy of our model in every training round ("A/A twin x ours"), one more ste
 
 Memory, on CPU: bytes autograd saves for backward (activations; weights excluded) and the
 trainable state (parameters + gradients + AdamW moments), both exact and noise-free; on CUDA
-also ``torch.cuda.max_memory_allocated`` per step. Results: benchmarks/results/engine.json.
+also ``torch.cuda.max_memory_allocated`` per step. Every timed call also records the minor page
+faults it took (on CPU they move a step by tenths of a second; README, "Page faults").
+Results: benchmarks/results/engine.json.
 """
 
 from __future__ import annotations
