@@ -171,27 +171,26 @@ class _SharedInputLora(torch.autograd.Function):
             for i in used:
                 if need_b[i]:  # beta=0: ``b`` only gives the shape
                     grad_bs[i] = torch.addmm(bs[i], dys[i].t(), hs[i], beta=0, alpha=scalings[i])
-        if not (needs[0] or any(need_a)):
-            return (None, None, *([None] * (2 * n)), *grad_as, *grad_bs)
-        # G = [s_i dy_i B_i] over the used members, (tokens, their ranks), with A over the same ranks.
-        # One scaling for all (the usual config) is applied as the GEMMs' alpha, not as a pass over G.
-        shared = all(scalings[i] == scalings[used[0]] for i in used)
-        alpha = scalings[used[0]] if shared else 1.0
-        parts = [torch.mm(dys[i], bs[i]) if shared else torch.mm(dys[i], bs[i]).mul_(scalings[i]) for i in used]
-        g = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        a_used = a_cat if len(used) == n else torch.cat([part for i, part in enumerate(a_cat.split(ranks)) if i in used])
         grad_x = None
-        if needs[0]:
-            grad_x = torch.mm(dys[used[0]], weights[used[0]])
-            for i in used[1:]:
-                grad_x.addmm_(dys[i], weights[i])
-            grad_x.addmm_(g, a_used, alpha=alpha)
-            grad_x = grad_x.view(ctx.x_shape)
-        if any(need_a):  # beta=0: ``a_used`` only gives the shape
-            grad_a_used = torch.addmm(a_used, g.t(), x2, beta=0, alpha=alpha)
-            for i, grad_a in zip(used, grad_a_used.split([ranks[i] for i in used])):
-                if need_a[i]:
-                    grad_as[i] = grad_a
+        if needs[0] or any(need_a):
+            # G = [s_i dy_i B_i] over the used members, (tokens, their ranks), with A over the same ranks.
+            # One scaling for all (the usual config) is applied as the GEMMs' alpha, not as a pass over G.
+            shared = all(scalings[i] == scalings[used[0]] for i in used)
+            alpha = scalings[used[0]] if shared else 1.0
+            parts = [torch.mm(dys[i], bs[i]) if shared else torch.mm(dys[i], bs[i]).mul_(scalings[i]) for i in used]
+            g = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            a_used = a_cat if len(used) == n else torch.cat([part for i, part in enumerate(a_cat.split(ranks)) if i in used])
+            if needs[0]:
+                grad_x = torch.mm(dys[used[0]], weights[used[0]])
+                for i in used[1:]:
+                    grad_x.addmm_(dys[i], weights[i])
+                grad_x.addmm_(g, a_used, alpha=alpha)
+                grad_x = grad_x.view(ctx.x_shape)
+            if any(need_a):  # beta=0: ``a_used`` only gives the shape
+                grad_a_used = torch.addmm(a_used, g.t(), x2, beta=0, alpha=alpha)
+                for i, grad_a in zip(used, grad_a_used.split([ranks[i] for i in used])):
+                    if need_a[i]:
+                        grad_as[i] = grad_a
         return (grad_x, None, *([None] * (2 * n)), *grad_as, *grad_bs)
 
 
