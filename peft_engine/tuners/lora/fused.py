@@ -91,8 +91,8 @@ class _LoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
     """``x W^T + b + scaling * (x A^T) B^T`` (``x W + b ...`` for Conv1D weights), one autograd node."""
-    tensors = (x, weight, bias, a, b)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return _LoraLinear.apply(x, weight, bias, a, b, scaling, fan_in_fan_out)
     y, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, scaling, fan_in_fan_out)
     return y.view(*x.shape[:-1], y.shape[-1])

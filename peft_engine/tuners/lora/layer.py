@@ -155,12 +155,14 @@ class Linear(LoraLayer):
 
     from_dense = to_dense
 
-    def _active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The fused path first: it runs for every target layer of every step, and it checks itself
+        # everything the general path would branch on (disabled, merged, mixed batch, ...).
         if not args and not kwargs:
             out = self._fused_forward(x)
             if out is not None:
                 return out
-        return super()._active_forward(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Base and adapter as one autograd node (see :mod:`.fused`), with the siblings that read the
@@ -189,15 +191,16 @@ class Linear(LoraLayer):
             return None
         modules = self._modules
         lora_a = modules["lora_A"]._modules
-        names = [n for n in self.active_adapters if n in lora_a]
-        if len(names) != 1:
+        active = self.active_adapters
+        names = active if len(active) == 1 else [n for n in active if n in lora_a]
+        if len(names) != 1 or names[0] not in lora_a:
             return None
         name = names[0]
         base = modules["base_layer"]
         if type(base) not in _LINEAR_TYPES or base._forward_hooks or base._forward_pre_hooks or _global_hooks():
             return None
         dropout = modules["lora_dropout"]._modules[name]
-        if dropout.training and getattr(dropout, "p", 0.0) > 0:
+        if dropout.training and dropout.__dict__.get("p", 0.0) > 0:  # nn.Identity has no ``p``
             return None
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
         a = lora_a[name]._parameters["weight"]

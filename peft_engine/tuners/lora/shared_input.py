@@ -63,7 +63,7 @@ def _groupable(ops: FusedOperands | None) -> bool:
 class _Pending(NamedTuple):
     x: torch.Tensor
     version: int
-    outputs: dict[int, tuple[torch.Tensor, FusedOperands]]  # member index -> (output, operands used)
+    outputs: dict[Linear, tuple[torch.Tensor, FusedOperands]]  # member -> (output, operands used)
 
 
 class SharedInputGroup:
@@ -80,28 +80,27 @@ class SharedInputGroup:
 
     def output(self, member: Linear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output on ``x``, computed with its siblings', or None to run it alone."""
-        if not (self.enabled and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if not self.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        index = self.members.index(member)
         pending = self._pending
         if pending is not None:
             self._pending = None
-            kept = pending.outputs.pop(index, None)
-            if kept is not None and pending.x is x and pending.version == x._version:
-                out, ops = kept
-                now = member.fused_operands(x)
-                if pending.outputs:  # siblings still to come on this input
-                    self._pending = pending
-                return out if now is not None and now.same_as(ops) else None
-            self.enabled = False  # an output was computed for a call that never came
-            return None
+            kept = pending.outputs.pop(member, None)
+            if kept is None or pending.x is not x or pending.version != x._version:
+                self.enabled = False  # an output was computed for a call that never came
+                return None
+            if pending.outputs:  # siblings still to come on this input
+                self._pending = pending
+            out, ops = kept
+            now = member.fused_operands(x)
+            return out if now is not None and now.same_as(ops) else None
         operands = [m.fused_operands(x) for m in self.members]
-        if not all(_groupable(ops) for ops in operands):
+        if not all(map(_groupable, operands)):
             return None
         outputs = shared_input_lora(x, operands)  # type: ignore[arg-type]
-        others = {i: (out, ops) for i, (out, ops) in enumerate(zip(outputs, operands)) if i != index}
-        self._pending = _Pending(x, x._version, others)
-        return outputs[index]
+        self._pending = _Pending(x, x._version, {m: (out, ops) for m, out, ops in zip(self.members, outputs, operands)
+                                                 if m is not member})
+        return outputs[self.members.index(member)]
 
 
 def link_shared_inputs(model: nn.Module, layer_type: type[Linear]) -> None:
@@ -126,11 +125,11 @@ def groups_in(model: nn.Module) -> list[SharedInputGroup]:
 
 
 def _forward(x2: torch.Tensor, a_cat: torch.Tensor, weights: Sequence[torch.Tensor],
-             biases: Sequence[torch.Tensor | None], bs: Sequence[torch.Tensor],
-             scalings: Sequence[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             biases: Sequence[torch.Tensor | None], bs: Sequence[torch.Tensor], scalings: Sequence[float],
+             ranks: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     h = F.linear(x2, a_cat)
     outs = []
-    for w, bias, b, s, h_i in zip(weights, biases, bs, scalings, h.split([b.shape[1] for b in bs], dim=1)):
+    for w, bias, b, s, h_i in zip(weights, biases, bs, scalings, h.split_with_sizes(ranks, 1)):
         y = F.linear(x2, w, bias)
         y.addmm_(h_i, b.t(), alpha=s)
         outs.append(y)
@@ -142,32 +141,33 @@ class _SharedInputLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *tensors: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
         n = len(scalings)
-        weights, biases, as_, bs = (tensors[i * n:(i + 1) * n] for i in range(4))
+        weights, biases, as_, bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
+        ranks = [b.shape[1] for b in bs]
         x2 = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat(as_)
-        h, outs = _forward(x2, a_cat, weights, biases, bs, scalings)
+        h, outs = _forward(x2, a_cat, weights, biases, bs, scalings, ranks)
         ctx.save_for_backward(x2, h, a_cat, *weights, *bs)
-        ctx.scalings, ctx.x_shape = scalings, x.shape
+        ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape
         # An output nobody used gets no gradient (None), so its adapter's tensors get none either,
         # exactly as when that member is never called.
         ctx.set_materialize_grads(False)
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
+        lead = x.shape[:-1]
+        return tuple(y.view(*lead, y.shape[1]) for y in outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         x2, h, a_cat, *rest = ctx.saved_tensors
-        scalings = ctx.scalings
+        scalings, ranks = ctx.scalings, ctx.ranks
         n = len(scalings)
         weights, bs = rest[:n], rest[n:]
         needs = ctx.needs_input_grad
         need_a, need_b = needs[2 + 2 * n:2 + 3 * n], needs[2 + 3 * n:]
-        ranks = [b.shape[1] for b in bs]
         grad_as: list[torch.Tensor | None] = [None] * n
         grad_bs: list[torch.Tensor | None] = [None] * n
-        used = [i for i in range(n) if grads[i] is not None]
-        dys = {i: grads[i].reshape(-1, grads[i].shape[-1]) for i in used}
+        used = [i for i, grad in enumerate(grads) if grad is not None]
+        dys = [grad.reshape(-1, grad.shape[-1]) if grad is not None else None for grad in grads]
         if any(need_b):
-            hs = h.split(ranks, dim=1)
+            hs = h.split_with_sizes(ranks, 1)
             for i in used:
                 if need_b[i]:  # beta=0: ``b`` only gives the shape
                     grad_bs[i] = torch.addmm(bs[i], dys[i].t(), hs[i], beta=0, alpha=scalings[i])
@@ -175,20 +175,23 @@ class _SharedInputLora(torch.autograd.Function):
         if needs[0] or any(need_a):
             # G = [s_i dy_i B_i] over the used members, (tokens, their ranks), with A over the same ranks.
             # One scaling for all (the usual config) is applied as the GEMMs' alpha, not as a pass over G.
-            shared = all(scalings[i] == scalings[used[0]] for i in used)
-            alpha = scalings[used[0]] if shared else 1.0
+            first = used[0]
+            shared = all(scalings[i] == scalings[first] for i in used)
+            alpha = scalings[first] if shared else 1.0
             parts = [torch.mm(dys[i], bs[i]) if shared else torch.mm(dys[i], bs[i]).mul_(scalings[i]) for i in used]
-            g = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            a_used = a_cat if len(used) == n else torch.cat([part for i, part in enumerate(a_cat.split(ranks)) if i in used])
+            all_used = len(used) == n
+            g = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            a_used = a_cat if all_used else torch.cat([a_cat.split_with_sizes(ranks)[i] for i in used])
             if needs[0]:
-                grad_x = torch.mm(dys[used[0]], weights[used[0]])
+                grad_x = torch.mm(dys[first], weights[first])
                 for i in used[1:]:
                     grad_x.addmm_(dys[i], weights[i])
                 grad_x.addmm_(g, a_used, alpha=alpha)
                 grad_x = grad_x.view(ctx.x_shape)
             if any(need_a):  # beta=0: ``a_used`` only gives the shape
                 grad_a_used = torch.addmm(a_used, g.t(), x2, beta=0, alpha=alpha)
-                for i, grad_a in zip(used, grad_a_used.split([ranks[i] for i in used])):
+                pieces = grad_a_used.split_with_sizes(ranks if all_used else [ranks[i] for i in used])
+                for i, grad_a in zip(used, pieces):
                     if need_a[i]:
                         grad_as[i] = grad_a
         return (grad_x, None, *([None] * (2 * n)), *grad_as, *grad_bs)
@@ -201,7 +204,8 @@ def shared_input_lora(x: torch.Tensor, operands: Sequence[FusedOperands]) -> tup
     as_ = [ops.a for ops in operands]
     bs = [ops.b for ops in operands]
     scalings = tuple(ops.scaling for ops in operands)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *as_, *bs)):
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in as_ + bs)):
         return _SharedInputLora.apply(x, scalings, *weights, *biases, *as_, *bs)
-    _, outs = _forward(x.reshape(-1, x.shape[-1]), torch.cat(as_), weights, biases, bs, scalings)
+    _, outs = _forward(x.reshape(-1, x.shape[-1]), torch.cat(as_), weights, biases, bs, scalings,
+                       [b.shape[1] for b in bs])
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
