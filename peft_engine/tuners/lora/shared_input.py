@@ -181,7 +181,8 @@ class _SharedInputLora(torch.autograd.Function):
             parts = [torch.mm(dys[i], bs[i]) if shared else torch.mm(dys[i], bs[i]).mul_(scalings[i]) for i in used]
             all_used = len(used) == n
             g = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-            a_used = a_cat if all_used else torch.cat([a_cat.split_with_sizes(ranks)[i] for i in used])
+            a_used = a_cat if all_used else torch.cat(
+                [part for i, part in enumerate(a_cat.split_with_sizes(ranks)) if i in used])
             if needs[0]:
                 grad_x = torch.mm(dys[first], weights[first])
                 for i in used[1:]:
