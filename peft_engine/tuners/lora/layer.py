@@ -155,14 +155,12 @@ class Linear(LoraLayer):
 
     from_dense = to_dense
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # The fused path first: it runs for every target layer of every step, and it checks itself
-        # everything the general path would branch on (disabled, merged, mixed batch, ...).
+    def _active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:
             out = self._fused_forward(x)
             if out is not None:
                 return out
-        return super().forward(x, *args, **kwargs)
+        return super()._active_forward(x, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Base and adapter as one autograd node (see :mod:`.fused`), with the siblings that read the
@@ -191,9 +189,8 @@ class Linear(LoraLayer):
             return None
         modules = self._modules
         lora_a = modules["lora_A"]._modules
-        active = self.active_adapters
-        names = active if len(active) == 1 else [n for n in active if n in lora_a]
-        if len(names) != 1 or names[0] not in lora_a:
+        names = [n for n in self.active_adapters if n in lora_a]
+        if len(names) != 1:
             return None
         name = names[0]
         base = modules["base_layer"]
