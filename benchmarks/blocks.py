@@ -38,6 +38,7 @@ from .common import (
     format_table,
     goal,
     interleaved,
+    keep_freed_memory,
     mark,
     perturb_trainable,
     set_threads,
@@ -132,6 +133,8 @@ def summary_lines(payload: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     threads = set_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.quick:
         args.model, args.warmup, args.repeats = "tiny", 1, 5
     model, label = load_model(args.model)

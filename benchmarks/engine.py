@@ -51,6 +51,7 @@ import peft_engine
 from sweeps.worker import make_adamw
 
 from .common import (
+    KEEP_FREED_HELP,
     Timings,
     command_line,
     copy_trainable_by_name,
@@ -60,6 +61,7 @@ from .common import (
     format_table,
     goal,
     interleaved,
+    keep_freed_memory,
     mark,
     peak_rss_mb,
     perturb_trainable,
@@ -509,12 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A/A check: also time a deep copy of our model in every training round (one more step a round)")
     p.add_argument("--name", default=None,
                    help="results file name under benchmarks/results/ (default engine, or engine_quick with --quick)")
+    p.add_argument("--keep-freed-memory", action="store_true", help=KEEP_FREED_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     threads = set_threads(args.threads if args.threads or not args.quick else 1)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     device = torch.device(args.device)
     models = ["tiny"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:

@@ -28,7 +28,19 @@ from torch import nn
 import peft_engine
 from sweeps.worker import make_adamw
 
-from .common import Timings, command_line, fmt, format_table, goal, interleaved, mark, set_threads, write_json
+from .common import (
+    KEEP_FREED_HELP,
+    Timings,
+    command_line,
+    fmt,
+    format_table,
+    goal,
+    interleaved,
+    keep_freed_memory,
+    mark,
+    set_threads,
+    write_json,
+)
 from .engine import BATCH, PROMPT_METHODS, SEQ_LEN, Row, load_model, select_rows
 
 
@@ -145,6 +157,7 @@ def overhead_parser(prog: str, doc: str, unit: str, warmup: int, repeats: int) -
     p.add_argument("--name", default=None, help=f"results file name under benchmarks/results/ (default {name}, "
                                                 f"or {name}_quick with --quick)")
     p.add_argument("--quick", action="store_true", help=f"the tiny model's {unit}, 1 warmup + 5 rounds: checks it runs")
+    p.add_argument("--keep-freed-memory", action="store_true", help=KEEP_FREED_HELP)
     return p
 
 
@@ -160,6 +173,8 @@ def summary_lines(payload: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     threads = set_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.quick:
         args.model, args.warmup, args.repeats = "tiny", 1, 5
     model, label = load_model(args.model)

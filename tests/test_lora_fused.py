@@ -94,6 +94,11 @@ def test_fused_path_is_taken_only_in_the_plain_case():
     handle = layer.base_layer.register_forward_hook(lambda *args: None)
     assert not fused_node()
     handle.remove()
+    for register in (torch.nn.modules.module.register_module_forward_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda *args: None)  # a hook on every module must see the base run as one
+        assert not fused_node()
+        handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_node()
     assert fused_node()
