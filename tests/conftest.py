@@ -38,6 +38,27 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_bnb_4bit_path_on_every_cpu():
+    """bitsandbytes' 4-bit layers take the same path on every CPU here.
+
+    On CPUs with AVX512-BF16 a ``Linear4bit``'s first no-grad eval forward repacks its weight into a
+    CPU-only layout: absmax rounded to bf16 (outputs move by ~1e-3), an assertion failure for layers
+    whose output width is not a multiple of 32 (every tiny model here), and bytes HF PEFT's
+    dequantize reads as garbage. The tests switch that off for the layers they build, so a result
+    does not depend on which CPU ran it; ``test_dequantize_reads_the_cpu_packed_4bit_layout`` packs
+    a weight explicitly to check that our own dequantize reads that layout.
+    """
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+    except ImportError:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+        yield
+
+
 # ---- tiny transformers models ---------------------------------------------------------------
 def _build(config_cls_name: str, model_cls_name: str, seed: int, **kwargs) -> nn.Module:
     import transformers

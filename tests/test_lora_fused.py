@@ -91,14 +91,20 @@ def test_fused_path_is_taken_only_in_the_plain_case():
     assert not fused_node()  # dropout at work: the base must see x, the adapter dropout(x)
     model.eval()
     assert fused_node()
-    handle = layer.base_layer.register_forward_hook(lambda *args: None)
-    assert not fused_node()
-    handle.remove()
-    for register in (torch.nn.modules.module.register_module_forward_hook,
-                     torch.nn.modules.module.register_module_forward_pre_hook):
-        handle = register(lambda *args: None)  # a hook on every module must see the base run as one
-        assert not fused_node()
+    module = torch.nn.modules.module
+    base = layer.base_layer
+    seen: list[torch.nn.Module] = []
+    # A hook on the base, or on every module, must see the base run as a module of its own.
+    for register in (base.register_forward_hook, base.register_forward_pre_hook, base.register_full_backward_hook,
+                     base.register_full_backward_pre_hook, module.register_module_forward_hook,
+                     module.register_module_forward_pre_hook, module.register_module_full_backward_hook,
+                     module.register_module_full_backward_pre_hook):
+        seen.clear()
+        handle = register(lambda mod, *args: seen.append(mod))
+        model(x).sum().backward()
         handle.remove()
+        assert any(m is base for m in seen), register.__name__
+        assert fused_node()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_node()
     assert fused_node()

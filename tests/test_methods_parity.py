@@ -263,6 +263,24 @@ def test_trainable_parameters_and_gradients_match_hf():
         assert all(p.grad is None for n, p in ours.named_parameters() if n not in trainable), cls_name
 
 
+@pytest.mark.parametrize("cls_name", ["LoraConfig", "LoHaConfig", "LoKrConfig", "OFTConfig"])
+def test_hooks_on_a_base_layer_see_it_run_in_training(cls_name):
+    # The fused training paths compute with the base weight instead of calling the base layer:
+    # a hook on it must make them call it.
+    kwargs = TWO.get(cls_name, {"target_modules": ["q_proj", "v_proj"], "r": 2})
+    model = _quiet(pe.get_peft_model, tiny_llama(), getattr(pe, cls_name)(**kwargs))
+    base = _layer(model, "layers.1.self_attn.q_proj").base_layer  # its input carries a gradient
+    inputs = model_inputs(tiny_llama(), batch=8)  # more tokens than q_proj has outputs: OFT rotates W
+    model.train()
+    seen: list[str] = []
+    handles = [base.register_forward_hook(lambda *args: seen.append("forward")),
+               base.register_full_backward_hook(lambda *args: seen.append("backward"))]
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert seen == ["forward", "backward"], cls_name
+
+
 # ---- factored forwards equal the dense formulas ------------------------------------------------
 def _layer(model, name="q_proj"):
     return next(m for n, m in model.named_modules() if n.endswith(name) and isinstance(m, AdapterLayer))

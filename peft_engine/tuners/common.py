@@ -1,4 +1,4 @@
-"""Small pieces the non-LoRA methods share: layer sizes, quantized base weights, pattern lookup.
+"""Small pieces the methods share: layer sizes, quantized base weights, hooks, pattern lookup.
 
 Kept apart from :mod:`.base` because they are helpers, not protocol: how wide a module is,
 how to read (dequantize) and write back (requantize) the weight of a bitsandbytes layer for
@@ -18,6 +18,22 @@ from torch import nn
 
 from ..targets import Conv1D
 from .base import AdapterLayer
+
+# ---- hooks ----------------------------------------------------------------------------------
+# Hooks registered for every module (``register_module_forward_hook`` and the like). torch adds to and
+# removes from these dicts in place, so the objects can be kept.
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are set on ``module`` or on every module.
+
+    A fused training path computes with a base layer's weight instead of calling the layer; where
+    hooks would see that call, the base must run as a module and the fused path steps aside.
+    """
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or any(_GLOBAL_HOOKS))
 
 
 # ---- bitsandbytes ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MethodLayer, in_out_features, is_quantized
+from .common import MethodLayer, has_hooks, in_out_features, is_quantized
 from .common import is_linear_like as _is_linear_like
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
@@ -98,7 +98,8 @@ class LycorisLayer(MethodLayer):
         """Training on a plain (unquantized, unstacked) linear base."""
         base = self.base_layer
         return (self.training and torch.is_grad_enabled() and self.conv_fn is None
-                and base is self.get_base_layer() and base.weight.is_floating_point() and not is_quantized(base))
+                and base is self.get_base_layer() and base.weight.is_floating_point() and not is_quantized(base)
+                and not has_hooks(base))
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + sum of deltas)^T + bias``: one GEMM with the summed weight.

@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ...targets import Conv1D
-from ..common import ComposedMethodLayer, in_out_features, is_linear_like, is_quantized
+from ..common import ComposedMethodLayer, has_hooks, in_out_features, is_linear_like, is_quantized
 from .config import OFTConfig
 
 
@@ -351,7 +351,7 @@ class OFTLayer(ComposedMethodLayer):
         """
         base = self.base_layer
         if not (torch.is_grad_enabled() and base is self.get_base_layer() and is_linear_like(base)
-                and not is_quantized(base)):
+                and not is_quantized(base) and not has_hooks(base)):
             return False
         weight = base.weight
         tokens = x.numel() // max(x.shape[-1], 1)
