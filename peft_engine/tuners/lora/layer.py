@@ -182,8 +182,8 @@ class Linear(LoraLayer):
         """The tensors of the fused forward on ``x``, or None where it does not apply.
 
         Fused only in the plain case: one active, unmerged adapter on a bare nn.Linear / Conv1D (not
-        quantized, not another adapter layer, no module hooks on it or on every module), no dropout at work, one dtype and device
-        throughout, no autocast. This runs for every layer of every step, between GEMMs that have
+        quantized, not another adapter layer, no module hooks on it or on every module), no dropout
+        at work, one dtype and device throughout, no autocast. This runs for every layer of every step, between GEMMs that have
         pushed the interpreter's objects out of cache: measured in a SmolLM2 block each check costs
         2-8 us there, against 0.1-0.5 us in a loop on its own. Hence the plain dict reads (not
         ``nn.Module.__getattr__``), and no ``torch.device`` objects on CPU: ``x.device.type`` and the
@@ -194,15 +194,10 @@ class Linear(LoraLayer):
         modules = self._modules
         lora_a = modules["lora_A"]._modules
         active = self.active_adapters
-        if len(active) == 1:
-            name = active[0]
-            if name not in lora_a:
-                return None
-        else:
-            names = [n for n in active if n in lora_a]
-            if len(names) != 1:
-                return None
-            name = names[0]
+        names = active if len(active) == 1 else [n for n in active if n in lora_a]
+        if len(names) != 1 or names[0] not in lora_a:
+            return None
+        name = names[0]
         base = modules["base_layer"]
         if type(base) not in _LINEAR_TYPES or has_hooks(base):
             return None
