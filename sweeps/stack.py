@@ -1,9 +1,11 @@
 """A local Ray head and MLflow server that this project starts, and stops, by process group.
 
 ``make sweep`` and the integration tests need a real cluster and a real tracking server on
-one machine. Each is started in a new session (``start_new_session``) so its whole process
-tree is one process group, recorded in ``<state_dir>/<name>.json``; stopping kills exactly
-that group and never touches another Ray or MLflow on the machine (no ``ray stop``).
+one machine. Each is started in a new session (``start_new_session``), recorded in
+``<state_dir>/<name>.json`` by its process group id, which is also its session id. Stopping
+signals that group, then kills whatever is left of the session: Ray puts each of its worker
+processes in a process group of its own, but they stay in the session. It never touches
+another Ray or MLflow on the machine (no ``ray stop``).
 Both bind to 127.0.0.1. Ray's token authentication is on: the token lives in the state
 directory and every child process gets ``RAY_AUTH_MODE=token`` and its path.
 
@@ -129,8 +131,8 @@ def start_ray_worker(state_dir: Path, head_address: str, *, num_cpus: int | None
     """``ray start --address=<head> --block``: one more node for the head in ``state_dir``.
 
     Several nodes on one machine stand in for a multi-node cluster in tests: each node is its
-    own process group recorded as ``<name>.json``, so ``stop(state_dir, name)`` kills exactly
-    that node (a simulated node loss) and nothing else. It uses the head's token and its own
+    own session recorded as ``<name>.json``, so ``stop(state_dir, name, grace=0)`` kills every
+    process of that node at once (a simulated machine loss) and nothing else. It uses the head's token and its own
     temp dir and agent port, so it never collides with the head or another Ray on the machine.
     """
     state_dir = state_dir.resolve()
@@ -191,21 +193,42 @@ def load(state_dir: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _session_members(sid: int) -> list[int]:
+    """Every live process in session ``sid`` (Linux ``/proc``; elsewhere none are found)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(entry.name)) == sid:
+                members.append(int(entry.name))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
 def stop(state_dir: Path = DEFAULT_STATE_DIR, name: str | None = None, *, grace: float = 15.0) -> list[str]:
-    """Stop the services recorded in ``state_dir`` (all, or ``name``): SIGTERM, then SIGKILL."""
+    """Stop the services recorded in ``state_dir`` (all, or ``name``): SIGTERM, then SIGKILL.
+
+    ``grace=0`` sends SIGKILL at once: a lost machine, whose Ray node gets no chance to drain
+    or to tell the cluster. Either way no process of the service's session outlives this call.
+    """
     stopped = []
     for service_name in [name] if name else ["ray", "mlflow"]:
         record = load(state_dir, service_name)
         if record is None:
             continue
         pgid = int(record["pgid"])
-        if _alive(pgid):
+        if _alive(pgid) and grace > 0:
             os.killpg(pgid, signal.SIGTERM)
             deadline = time.monotonic() + grace
             while _alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.3)
-            if _alive(pgid):
-                os.killpg(pgid, signal.SIGKILL)
+        if _alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        for pid in _session_members(pgid):  # Ray's workers, each in a process group of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         (state_dir / f"{service_name}.json").unlink(missing_ok=True)
         stopped.append(f"{service_name} (process group {pgid})")
     return stopped
