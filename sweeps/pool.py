@@ -63,18 +63,30 @@ class WorkerPools:
             thread.start()
             self._threads.append(thread)
 
-    def close(self, timeout_s: float = 120.0) -> None:
+    def close(self, timeout_s: float = 120.0) -> list[str]:
         """End the pools: idle workers return, and each Train run finishes normally.
 
-        A pool still waiting for resources (more concurrent trials than the cluster holds) is
-        not waited for: its Train run ends with this driver, which owns it.
+        A pool whose workers are still starting is waited for too: it takes the board's close
+        as its first job and ends. Left running, its thread would wake inside Ray while the
+        driver shuts Ray down, and Ray then ends the driver with exit code 1 (seen when a resumed
+        sweep had no trial left to run). Only when the cluster cannot hold every pool at once
+        (more concurrent trials than it has resources for) are pools that never started left
+        to end with this driver, which owns their Train runs. Returns the pools left running.
         """
         ray.get(self.board.close.remote())
         started = ray.get(self.board.started_pools.remote())
+        wait_for_all = self._cluster_holds_every_pool()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            if thread.name in started:
+            if wait_for_all or thread.name in started:
                 thread.join(max(0.0, deadline - time.monotonic()))
+        return [thread.name for thread in self._threads if thread.is_alive()]
+
+    def _cluster_holds_every_pool(self) -> bool:
+        r = self.spec.resources
+        total = ray.cluster_resources()
+        return (self.count * r.workers * r.cpus_per_worker <= total.get("CPU", 0)
+                and self.count * r.workers * r.gpus_per_worker <= total.get("GPU", 0))
 
     def _run(self, pool_id: str) -> None:
         failures = 0

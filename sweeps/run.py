@@ -190,7 +190,9 @@ def run_sweep(spec: SweepSpec, space_file: Path, sweep_dir: Path, tracking_uri: 
             context = SweepContext(**saved)
         results = _fit(spec, sweep_dir, resume, tune.with_parameters(run_trial, spec=spec, sweep=context, board=board))
     finally:
-        pools.close()
+        for pool_id in pools.close():
+            print(f"warning: worker pool {pool_id} had not ended when the sweep did (waiting for resources, "
+                  "or past the close timeout); its Ray Train run ends with this driver", file=sys.stderr)
     update_trial_runs(tracker, context, spec, results)
     summary = summarise(spec, results)
     print(summary)

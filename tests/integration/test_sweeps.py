@@ -65,6 +65,21 @@ def test_sweep_killed_then_resumed_tracks_every_trial_once_and_registers_a_champ
     replies = model.predict(["How are you?"], params={"max_new_tokens": 5})
     assert len(replies) == 1 and isinstance(replies[0], str)
 
+    # A driver lost after every trial ended but before its registry step: the resumed sweep
+    # has no trial to run. It still starts its worker pool, which must end before the driver
+    # does (a pool thread waking inside Ray's shutdown ended such a driver with exit code 1).
+    state_file = next(cluster["storage"].glob("itest-main-*/sweep.json"))
+    state = json.loads(state_file.read_text())
+    del state["outcome"]
+    state_file.write_text(json.dumps(state))
+    again = run_cli(cluster, space, "--resume")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "had not ended when the sweep did" not in again.stderr, again.stderr
+    assert "4 trials: 4 finished" in again.stdout, again.stdout
+    assert len(runs_of(cluster, "itest-main")[1]) == 4
+    again_champion = client(cluster).get_model_version_by_alias("itest-main-adapter", "champion")
+    assert again_champion.version == champion.version, "the same sweep's adapter is not registered twice"
+
 
 def test_worse_sweep_keeps_the_champion_and_reports_the_regression(cluster, tmp_path):
     good = write_space(tmp_path, "itest-gate", **{"space.method": "lora",
