@@ -1,4 +1,4 @@
-"""A local Ray head and MLflow server that this project starts, and stops, by process group.
+"""A local Ray head and MLflow server that this project starts, and stops, by session.
 
 ``make sweep`` and the integration tests need a real cluster and a real tracking server on
 one machine. Each is started in a new session (``start_new_session``), recorded in
@@ -132,8 +132,9 @@ def start_ray_worker(state_dir: Path, head_address: str, *, num_cpus: int | None
 
     Several nodes on one machine stand in for a multi-node cluster in tests: each node is its
     own session recorded as ``<name>.json``, so ``stop(state_dir, name, grace=0)`` kills every
-    process of that node at once (a simulated machine loss) and nothing else. It uses the head's token and its own
-    temp dir and agent port, so it never collides with the head or another Ray on the machine.
+    process of that node at once (a simulated machine loss) and nothing else. It uses the head's
+    token and its own temp dir and agent port, so it never collides with the head or another Ray
+    on the machine.
     """
     state_dir = state_dir.resolve()
     temp_dir = Path("/tmp") / f"ray-{os.getuid()}-{abs(hash(str(state_dir) + name)) % 10**8}"
