@@ -1,12 +1,13 @@
 """A sweep on a two-node Ray cluster survives losing a node.
 
 Two ``ray start`` processes on one machine stand in for two machines: a head (1 CPU) and a
-worker node (1 CPU) joined to it, each its own process group (``sweeps.stack``); a local tmp
+worker node (1 CPU) joined to it, each its own session (``sweeps.stack``); a local tmp
 folder both see is the shared storage. Every Ray Train worker needs 1 CPU, so with two
 trials at once one warm worker pool runs on each node. Once a trial has checkpointed on the
 worker node and is still training, every process of that node is killed at once (a machine
 lost mid-sweep: its Ray Train worker must not go on training for the seconds an orphaned Ray
-worker takes to notice that its raylet is gone, or it may finish the trial and hide the loss). The board hands the lost job to the head's pool (``worker_max_failures``), or Tune
+worker takes to notice that its raylet is gone, or it may finish the trial and hide the
+loss). The board hands the lost job to the head's pool (``worker_max_failures``), or Tune
 retries the trial when its trial actor was lost too (``trial_max_failures``); either way it
 resumes from its last adapter checkpoint on shared storage (its MLflow run records
 ``resumed_from_step``), and the sweep must still end normally with all 4 trials and a champion.
