@@ -183,9 +183,9 @@ class Linear(LoraLayer):
 
         Fused only in the plain case: one active, unmerged adapter on a bare nn.Linear / Conv1D (not
         quantized, not another adapter layer, no module hooks on it or on every module), no dropout
-        at work, one dtype and device throughout, no autocast. This runs for every layer of every step, between GEMMs that have
-        pushed the interpreter's objects out of cache: measured in a SmolLM2 block each check costs
-        2-8 us there, against 0.1-0.5 us in a loop on its own. Hence the plain dict reads (not
+        at work, one dtype and device throughout, no autocast. This runs for every layer of every
+        step, between GEMMs that have pushed the interpreter's objects out of cache: measured in a
+        SmolLM2 block each check costs 2-8 us there, against 0.1-0.5 us in a loop on its own. Hence the plain dict reads (not
         ``nn.Module.__getattr__``), and no ``torch.device`` objects on CPU: ``x.device.type`` and the
         string parse behind ``torch.is_autocast_enabled(str)`` cost ~3 us a layer in a model.
         """
